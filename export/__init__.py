@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export per component (not yet implemented)."""

@@ -1,0 +1,1 @@
+"""nn.Modules whose state dicts match the official Chatterbox checkpoint files."""

@@ -1,0 +1,338 @@
+"""T3's transformer backbones (Llama for Chatterbox/Multilingual, GPT-2 for Turbo/Nano).
+
+Our own implementation of what the reference builds with ``transformers.LlamaModel`` and
+``GPT2Model`` (transformers 5.2.0): parameter names match theirs under the ``tfmr.`` prefix, so
+the official checkpoints load unchanged. Math follows ``modeling_llama.py`` (RMSNorm in fp32,
+llama3-scaled RoPE, SwiGLU) and ``modeling_gpt2.py`` (pre-LN, Conv1D weights stored
+[in, out], tanh GELU, learned positions).
+
+Unlike the reference (a growing ``DynamicCache``), keys and values live in one static cache
+allocated once; a decode step has static shapes and takes its positions from a device tensor,
+so it never waits on the host and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BackboneConfig
+
+
+class KVCache:
+    """Keys and values of every layer in one buffer ``[layers, 2, batch, heads, max_len, head_dim]``.
+
+    Allocated once at (max_batch, max_len); ``ensure`` re-allocates only when a request needs
+    more, which a server avoids by sizing it up front.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, max_batch: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.shape_tail = (num_heads, head_dim)
+        self.num_layers = num_layers
+        self.kv = torch.zeros(num_layers, 2, max_batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[4]
+
+    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return (batch <= self.max_batch and length <= self.max_len and self.kv.dtype == dtype
+                and self.kv.device == torch.device(device))
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.kv[i, 0], self.kv[i, 1]  # each [B, H, L, D]
+
+
+@dataclass
+class AttentionProbe:
+    """Asks the backbone for the softmax attention of a few (layer, head) pairs of one batch row.
+
+    The multilingual model's EOS control reads these (reference ``AlignmentStreamAnalyzer``,
+    which switches the whole model to eager attention to get them; we compute only the heads
+    it needs). ``n_query`` rows are taken from the end of the current input.
+    """
+
+    heads: dict  # layer index -> list of head indices
+    row: int = 0
+    n_query: int = 1
+    out: dict = field(default_factory=dict)  # layer -> [len(heads), n_query, kv_len] fp32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored [in, out] (as in the checkpoints)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
+
+
+class UnusedTable(nn.Module):
+    """Stands in for a checkpoint tensor the model never reads (GPT-2's ``wte``).
+
+    The reference builds the table, loads it, then deletes it; we accept and validate the key
+    when loading (so files load with ``strict=True``) without holding ~200 MB of weights, and
+    emit a zero-strided tensor of the right shape in ``state_dict()`` so the keys and shapes
+    stay identical to the reference's.
+    """
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        got = tuple(state_dict[key].shape)
+        if got != self.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {list(got)} from checkpoint, "
+                              f"the shape in current model is {list(self.shape)}.")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = torch.zeros((), dtype=torch.float32).expand(self.shape)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, pos: Optional[Tensor]) -> Tensor:
+    """SDPA over the cache. ``pos`` None: prefill (causal over the input); else decode, where
+    row b sees cache entries ``<= pos[b]`` (entries past it are stale or empty)."""
+    if pos is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)
+    valid = torch.arange(k.shape[-2], device=k.device)[None, :] <= pos[:, None]  # [B, L]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+
+
+def _probe(probe: AttentionProbe, layer: int, q: Tensor, k: Tensor, pos: Optional[Tensor]):
+    heads = probe.heads.get(layer)
+    if heads is None:
+        return
+    idx = torch.tensor(heads, device=q.device)
+    qs = q[probe.row, idx, -probe.n_query:].float()  # [h, nq, D]
+    ks = k[probe.row, idx].float()  # [h, L, D]
+    scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    L = ks.shape[-2]
+    if pos is None:  # prefill: query i (counted from the end) sits at position L - nq + i
+        qpos = torch.arange(L - probe.n_query, L, device=q.device)
+    else:
+        qpos = pos[probe.row].view(1)
+    keep = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+    probe.out[layer] = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+
+
+def _write_cache(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor, pos: Optional[Tensor]):
+    B, T = k.shape[0], k.shape[2]
+    if pos is None:
+        cache_k[:B, :, :T] = k
+        cache_v[:B, :, :T] = v
+    else:  # one new entry per row, at that row's position (a device tensor: no host sync)
+        index = pos.view(B, 1, 1, 1).expand(B, k.shape[1], 1, k.shape[3])
+        cache_k[:B].scatter_(2, index, k)
+        cache_v[:B].scatter_(2, index, v)
+
+
+# --------------------------------------------------------------------------------------- Llama
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling) -> Tensor:
+    """Inverse RoPE frequencies with llama3 scaling (transformers ``_compute_llama3_parameters``)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.head_dim = cfg.num_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, cache: tuple[Tensor, Tensor], pos, kv_len, probe, layer_idx):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        _write_cache(cache[0], cache[1], k, v, pos)
+        if pos is not None:
+            k, v = cache[0][:B, :, :kv_len], cache[1][:B, :, :kv_len]
+        if probe is not None:
+            _probe(probe, layer_idx, q, k, pos)
+        out = _attend(q, k, v, pos)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache, pos, kv_len, probe, layer_idx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, kv_len, probe, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Unused (T3 feeds embeddings), but present in every checkpoint; 8 x hidden, so kept.
+        self.embed_tokens = nn.Embedding(cfg.llama_vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.register_buffer("inv_freq", llama3_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # fp32 as in transformers; positions [B, T] -> cos/sin [B, 1, T, D]
+        freqs = positions.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(self, x: Tensor, cache: KVCache, pos: Optional[Tensor] = None, kv_len: Optional[int] = None,
+                probe: Optional[AttentionProbe] = None) -> Tensor:
+        """``x`` [B, T, D]. Prefill (``pos`` None) writes cache[0:T]; decode (T == 1) writes at ``pos`` [B]
+        and attends to the first ``kv_len`` cache entries (a host bound; None = the whole cache)."""
+        B, T, _ = x.shape
+        if pos is None:
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        else:
+            positions = pos.view(B, 1)
+            kv_len = kv_len or cache.max_len
+        cos, sin = self._rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), pos, kv_len, probe, i)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------- GPT-2
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.c_attn = Conv1D(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = Conv1D(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cache, pos, kv_len, probe, layer_idx):
+        B, T, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        _write_cache(cache[0], cache[1], k, v, pos)
+        if pos is not None:
+            k, v = cache[0][:B, :, :kv_len], cache[1][:B, :, :kv_len]
+        if probe is not None:
+            _probe(probe, layer_idx, q, k, pos)
+        out = _attend(q, k, v, pos)
+        return self.c_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.c_fc = Conv1D(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, cache, pos, kv_len, probe, layer_idx):
+        x = x + self.attn(self.ln_1(x), cache, pos, kv_len, probe, layer_idx)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Backbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = UnusedTable(cfg.gpt2_vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+    def forward(self, x: Tensor, cache: KVCache, pos: Optional[Tensor] = None, kv_len: Optional[int] = None,
+                probe: Optional[AttentionProbe] = None) -> Tensor:
+        B, T, _ = x.shape
+        if pos is None:
+            x = x + self.wpe(torch.arange(T, device=x.device))
+        else:
+            x = x + self.wpe(pos.view(B, 1))
+            kv_len = kv_len or cache.max_len
+        for i, block in enumerate(self.h):
+            x = block(x, cache.layer(i), pos, kv_len, probe, i)
+        return self.ln_f(x)
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    return LlamaBackbone(cfg) if cfg.kind == "llama" else GPT2Backbone(cfg)

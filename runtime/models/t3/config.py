@@ -1,0 +1,191 @@
+"""T3 configuration: backbone shapes, token ids and sampling defaults per Chatterbox variant.
+
+Values come from the reference (chatterbox-tts 0.1.7): ``models/t3/llama_configs.py``,
+``models/t3/modules/t3_config.py``, the ``from_local`` loaders of ``tts.py``, ``mtl_tts.py``
+and ``tts_turbo.py`` (Turbo's overrides), and each ``generate``'s keyword defaults.
+Nano is Turbo with a GPT-2 small backbone (the Nano release's ``GPT2_small`` config).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Token ids shared by every variant.
+START_TEXT_TOKEN = 255
+STOP_TEXT_TOKEN = 0
+START_SPEECH_TOKEN = 6561
+STOP_SPEECH_TOKEN = 6562
+# Speech tokens below this id are S3 codes (3^8 FSQ levels); the rest are special.
+SPEECH_CODEBOOK_SIZE = 6561
+
+ENGLISH_TEXT_VOCAB = 704
+MULTILINGUAL_TEXT_VOCAB = 2454
+GPT2_TEXT_VOCAB = 50276
+LLAMA_SPEECH_VOCAB = 8194
+GPT2_SPEECH_VOCAB = 6563
+
+MAX_TEXT_TOKENS = 2048
+MAX_SPEECH_TOKENS = 4096
+SPEAKER_EMBED_SIZE = 256
+# The multilingual model's alignment heads (layer, head) used to steer EOS; reference
+# ``alignment_stream_analyzer.LLAMA_ALIGNED_HEADS``.
+ALIGNMENT_HEADS = ((12, 15), (13, 11), (9, 2))
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency-dependent RoPE scaling (``rope_type="llama3"``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    kind: str  # "llama" | "gpt2"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    norm_eps: float = 1e-5
+    # llama only
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[RopeScaling] = RopeScaling()
+    llama_vocab_size: int = 8  # the unused ``tfmr.embed_tokens`` table in the checkpoints
+    # gpt2 only
+    n_positions: int = 8196
+    gpt2_vocab_size: int = GPT2_TEXT_VOCAB  # the unused ``tfmr.wte`` table in the checkpoints
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.kind not in ("llama", "gpt2"):
+            raise ValueError(f"unknown backbone kind {self.kind!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "BackboneConfig":
+        return dataclasses.replace(BACKBONES[name], **overrides) if overrides else BACKBONES[name]
+
+
+BACKBONES = {
+    "Llama_520M": BackboneConfig("llama", hidden_size=1024, num_layers=30, num_heads=16, intermediate_size=4096),
+    "GPT2_medium": BackboneConfig("gpt2", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                                  rope_scaling=None),
+    "GPT2_small": BackboneConfig("gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                                 rope_scaling=None),
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The reference ``generate`` defaults for one variant."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    min_p: float = 0.05
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.2
+    cfg_weight: float = 0.5
+    max_new_tokens: int = 1000
+
+
+@dataclass(frozen=True)
+class T3Config:
+    variant: str
+    backbone: BackboneConfig
+    text_vocab_size: int
+    speech_vocab_size: int
+    speech_cond_prompt_len: int
+    learned_pos_emb: bool
+    use_perceiver: bool
+    emotion_adv: bool
+    sampling: SamplingDefaults
+    start_text_token: int = START_TEXT_TOKEN
+    stop_text_token: int = STOP_TEXT_TOKEN
+    start_speech_token: int = START_SPEECH_TOKEN
+    stop_speech_token: int = STOP_SPEECH_TOKEN
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    max_speech_tokens: int = MAX_SPEECH_TOKENS
+    speaker_embed_size: int = SPEAKER_EMBED_SIZE
+    # Perceiver resampler shape (reference ``Perceiver()`` defaults).
+    perceiver_queries: int = 32
+    perceiver_heads: int = 4
+    # The multilingual model steers EOS with attention alignment (reference
+    # ``AlignmentStreamAnalyzer``); the alignment needs these (layer, head) pairs.
+    alignment_heads: tuple = ()
+
+    @property
+    def is_gpt(self) -> bool:
+        return self.backbone.kind == "gpt2"
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Llama variants run classifier-free guidance as a batch of two."""
+        return not self.is_gpt
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def text_pos_len(self) -> int:
+        return self.max_text_tokens + 2
+
+    @property
+    def speech_pos_len(self) -> int:
+        return self.max_speech_tokens + 2 + 2
+
+    @property
+    def cond_len(self) -> int:
+        """Length of the conditioning prefix: speaker, prompt (or its perceiver summary), emotion."""
+        prompt = self.perceiver_queries if self.use_perceiver else self.speech_cond_prompt_len
+        return 1 + prompt + (1 if self.emotion_adv else 0)
+
+    def replace(self, **changes) -> "T3Config":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_variant(cls, name: str, **overrides) -> "T3Config":
+        """Config of a Chatterbox variant: "chatterbox" | "multilingual" | "turbo" | "nano"."""
+        key = name.lower()
+        if key not in _VARIANTS:
+            raise ValueError(f"unknown Chatterbox variant {name!r}; expected one of {sorted(_VARIANTS)}")
+        cfg = _VARIANTS[key]
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+_LLAMA_COMMON = dict(
+    backbone=BACKBONES["Llama_520M"],
+    speech_vocab_size=LLAMA_SPEECH_VOCAB,
+    speech_cond_prompt_len=150,
+    learned_pos_emb=True,
+    use_perceiver=True,
+    emotion_adv=True,
+)
+_GPT_COMMON = dict(
+    text_vocab_size=GPT2_TEXT_VOCAB,
+    speech_vocab_size=GPT2_SPEECH_VOCAB,
+    speech_cond_prompt_len=375,
+    learned_pos_emb=False,
+    use_perceiver=False,
+    emotion_adv=False,
+    # tts_turbo.generate defaults; inference_turbo(max_gen_len=1000) samples one token from
+    # the prefill and then up to 1000 more.
+    sampling=SamplingDefaults(temperature=0.8, top_p=0.95, min_p=0.0, top_k=1000, repetition_penalty=1.2,
+                              cfg_weight=0.0, max_new_tokens=1001),
+)
+
+_VARIANTS = {
+    "chatterbox": T3Config(variant="chatterbox", text_vocab_size=ENGLISH_TEXT_VOCAB,
+                           sampling=SamplingDefaults(repetition_penalty=1.2), **_LLAMA_COMMON),
+    "multilingual": T3Config(variant="multilingual", text_vocab_size=MULTILINGUAL_TEXT_VOCAB,
+                             sampling=SamplingDefaults(repetition_penalty=2.0),
+                             alignment_heads=ALIGNMENT_HEADS, **_LLAMA_COMMON),
+    "turbo": T3Config(variant="turbo", backbone=BACKBONES["GPT2_medium"], **_GPT_COMMON),
+    "nano": T3Config(variant="nano", backbone=BACKBONES["GPT2_small"], **_GPT_COMMON),
+}

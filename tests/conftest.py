@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+# Keep CPU tests deterministic and within the CI machine's two cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _reference import load_reference, reference_available  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The reference package; parity tests skip with a reason when it is not installed."""
+    if not reference_available():
+        pytest.skip("reference package chatterbox-tts==0.1.7 not installed (make test installs it)")
+    return load_reference()
