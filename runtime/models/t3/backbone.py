@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BackboneConfig
+from .linear import Conv1D, Linear, make_linear
 
 
 class KVCache:
@@ -78,19 +79,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class Conv1D(nn.Module):
-    """GPT-2's linear layer: weight stored [in, out] (as in the checkpoints)."""
-
-    def __init__(self, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
 
 
 class UnusedTable(nn.Module):
@@ -188,10 +176,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.head_dim = cfg.num_heads, hd
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = Linear(d, cfg.num_heads * hd, bias=False)
+        self.v_proj = Linear(d, cfg.num_heads * hd, bias=False)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin, cache: tuple[Tensor, Tensor], pos, kv_len, probe, layer_idx):
         B, T, _ = x.shape
@@ -212,9 +200,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -293,7 +281,7 @@ class GPT2MLP(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.c_fc = Conv1D(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size)
+        self.c_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, conv1d=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .alignment import AlignmentController
-from .backbone import AttentionProbe, KVCache, build_backbone
+from .backbone import AttentionProbe, KVCache, Linear, build_backbone
 from .cond_enc import T3Cond, T3CondEnc
 from .config import T3Config
 from .sampling import SamplingParams, cfg_combine, process_gpt, process_llama, sample_no_sync
@@ -64,8 +64,8 @@ class T3(nn.Module):
             self.speech_pos_emb = LearnedPositionEmbeddings(config.speech_pos_len, d)
         else:
             self.text_pos_emb = self.speech_pos_emb = None
-        self.text_head = nn.Linear(d, config.text_vocab_size, bias=False)
-        self.speech_head = nn.Linear(d, config.speech_vocab_size, bias=config.is_gpt)
+        self.text_head = Linear(d, config.text_vocab_size, bias=False)
+        self.speech_head = Linear(d, config.speech_vocab_size, bias=config.is_gpt)
         self._cache: Optional[KVCache] = None
 
     # ------------------------------------------------------------------ construction helpers
