@@ -110,13 +110,31 @@ class UnusedTable(nn.Module):
         destination[prefix + "weight"] = torch.zeros((), dtype=torch.float32).expand(self.shape)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, pos: Optional[Tensor]) -> Tensor:
-    """SDPA over the cache. ``pos`` None: prefill (causal over the input); else decode, where
-    row b sees cache entries ``<= pos[b]`` (entries past it are stale or empty)."""
-    if pos is None:
+@dataclass
+class Step:
+    """What every layer of one forward needs about positions, built once per forward.
+
+    Prefill: ``pos`` None (causal attention over the input, cache written from 0). Decode: one
+    new entry per row at ``pos`` [B] (a device tensor: no host sync), attention over the first
+    ``kv_len`` cache entries, of which row b sees those ``<= pos[b]``."""
+
+    pos: Optional[Tensor] = None
+    kv_len: int = 0
+    mask: Optional[Tensor] = None  # [B, 1, 1, kv_len] bool
+    index: Optional[Tensor] = None  # [B, H, 1, D] scatter index into the cache
+
+    @classmethod
+    def decode(cls, pos: Tensor, kv_len: int, num_heads: int, head_dim: int) -> "Step":
+        B = pos.shape[0]
+        mask = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]
+        index = pos.view(B, 1, 1, 1).expand(B, num_heads, 1, head_dim)
+        return cls(pos, kv_len, mask[:, None, None, :], index)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+    if step.pos is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1)
-    valid = torch.arange(k.shape[-2], device=k.device)[None, :] <= pos[:, None]  # [B, L]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)
 
 
 def _probe(probe: AttentionProbe, layer: int, q: Tensor, k: Tensor, pos: Optional[Tensor]):
@@ -136,15 +154,14 @@ def _probe(probe: AttentionProbe, layer: int, q: Tensor, k: Tensor, pos: Optiona
     probe.out[layer] = scores.masked_fill(~keep, float("-inf")).softmax(-1)
 
 
-def _write_cache(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor, pos: Optional[Tensor]):
+def _write_cache(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor, step: Step):
     B, T = k.shape[0], k.shape[2]
-    if pos is None:
+    if step.pos is None:
         cache_k[:B, :, :T] = k
         cache_v[:B, :, :T] = v
-    else:  # one new entry per row, at that row's position (a device tensor: no host sync)
-        index = pos.view(B, 1, 1, 1).expand(B, k.shape[1], 1, k.shape[3])
-        cache_k[:B].scatter_(2, index, k)
-        cache_v[:B].scatter_(2, index, v)
+    else:
+        cache_k[:B].scatter_(2, step.index, k)
+        cache_v[:B].scatter_(2, step.index, v)
 
 
 # --------------------------------------------------------------------------------------- Llama
@@ -181,19 +198,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(d, cfg.num_heads * hd, bias=False)
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: tuple[Tensor, Tensor], pos, kv_len, probe, layer_idx):
+    def forward(self, x, cos, sin, cache: tuple[Tensor, Tensor], step: Step, probe, layer_idx):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        _write_cache(cache[0], cache[1], k, v, pos)
-        if pos is not None:
-            k, v = cache[0][:B, :, :kv_len], cache[1][:B, :, :kv_len]
+        _write_cache(cache[0], cache[1], k, v, step)
+        if step.pos is not None:
+            k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
         if probe is not None:
-            _probe(probe, layer_idx, q, k, pos)
-        out = _attend(q, k, v, pos)
+            _probe(probe, layer_idx, q, k, step.pos)
+        out = _attend(q, k, v, step)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -216,8 +233,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache, pos, kv_len, probe, layer_idx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, kv_len, probe, layer_idx)
+    def forward(self, x, cos, sin, cache, step: Step, probe, layer_idx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step, probe, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,12 +262,13 @@ class LlamaBackbone(nn.Module):
         B, T, _ = x.shape
         if pos is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
+            step = Step()
         else:
             positions = pos.view(B, 1)
-            kv_len = kv_len or cache.max_len
+            step = Step.decode(pos, kv_len or cache.max_len, self.cfg.num_heads, self.cfg.head_dim)
         cos, sin = self._rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layer(i), pos, kv_len, probe, i)
+            x = layer(x, cos, sin, cache.layer(i), step, probe, i)
         return self.norm(x)
 
 
@@ -264,16 +282,16 @@ class GPT2Attention(nn.Module):
         self.c_attn = Conv1D(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = Conv1D(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cache, pos, kv_len, probe, layer_idx):
+    def forward(self, x, cache, step: Step, probe, layer_idx):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        _write_cache(cache[0], cache[1], k, v, pos)
-        if pos is not None:
-            k, v = cache[0][:B, :, :kv_len], cache[1][:B, :, :kv_len]
+        _write_cache(cache[0], cache[1], k, v, step)
+        if step.pos is not None:
+            k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
         if probe is not None:
-            _probe(probe, layer_idx, q, k, pos)
-        out = _attend(q, k, v, pos)
+            _probe(probe, layer_idx, q, k, step.pos)
+        out = _attend(q, k, v, step)
         return self.c_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -295,8 +313,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x, cache, pos, kv_len, probe, layer_idx):
-        x = x + self.attn(self.ln_1(x), cache, pos, kv_len, probe, layer_idx)
+    def forward(self, x, cache, step: Step, probe, layer_idx):
+        x = x + self.attn(self.ln_1(x), cache, step, probe, layer_idx)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -314,11 +332,12 @@ class GPT2Backbone(nn.Module):
         B, T, _ = x.shape
         if pos is None:
             x = x + self.wpe(torch.arange(T, device=x.device))
+            step = Step()
         else:
             x = x + self.wpe(pos.view(B, 1))
-            kv_len = kv_len or cache.max_len
+            step = Step.decode(pos, kv_len or cache.max_len, self.cfg.num_heads, self.cfg.head_dim)
         for i, block in enumerate(self.h):
-            x = block(x, cache.layer(i), pos, kv_len, probe, i)
+            x = block(x, cache.layer(i), step, probe, i)
         return self.ln_f(x)
 
 
