@@ -97,7 +97,7 @@ def _demo_one(variant: str, args) -> None:
     preview = " ".join(str(t) for t in tokens[:12].tolist())
     print(f"[{variant}] {source}; loaded in {load_s:.1f} s")
     print(f"[{variant}] {n} speech tokens in {dt:.2f} s: {n / dt:.1f} tokens/s, {1000 * dt / max(n, 1):.1f} ms/token "
-          f"(prefill included; {args.device}/{args.dtype}, {torch.get_num_threads()} threads)")
+          f"(prefill included; {device}/{args.dtype}, {torch.get_num_threads()} threads)")
     print(f"[{variant}] first tokens: {preview}{' ...' if n > 12 else ''}")
 
 
