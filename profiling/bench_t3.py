@@ -61,7 +61,7 @@ def bench_variant(ref, variant: str, tokens: int, runs: int, reduced: bool, text
     }
     times = {side: {"first": [], "all": []} for side in sides}
     with torch.inference_mode():
-        for side, (one, _) in sides.items():  # warm-up
+        for one, _ in sides.values():  # warm-up
             one()
         for _ in range(runs):
             for side, (one, many) in sides.items():

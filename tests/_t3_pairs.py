@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from chatterbox_rt.checkpoint import init_dummy_, load_into
-from chatterbox_rt.models.t3 import T3, BackboneConfig, T3Cond, T3Config
+from chatterbox_rt.models.t3 import T3, T3Cond, T3Config
 
 REF_BACKBONE = {"chatterbox": "Llama_520M", "multilingual": "Llama_520M", "turbo": "GPT2_medium",
                 "nano": "GPT2_small"}

@@ -60,7 +60,8 @@ def test_full_size_load_t3_from_directory(tmp_path):
     save_file(contiguous(m.state_dict()), str(tmp_path / "t3_nano_v1.safetensors"))
     loaded = T3.from_local(tmp_path)
     assert loaded.config.variant == "nano"
-    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+    assert list(m.state_dict()) == list(loaded.state_dict())
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 

@@ -151,8 +151,10 @@ class T3Config:
 
     @classmethod
     def for_variant(cls, name: str, **overrides) -> "T3Config":
-        """Config of a Chatterbox variant: "chatterbox" | "multilingual" | "turbo" | "nano"."""
-        key = name.lower()
+        """Config of a Chatterbox variant: "chatterbox" | "multilingual" | "turbo" | "nano"
+        ("multilingual-v2" / "multilingual-v3" name checkpoint files of the same architecture)."""
+        key = name.lower().replace("_", "-")
+        key = {"multilingual-v2": "multilingual", "multilingual-v3": "multilingual"}.get(key, key)
         if key not in _VARIANTS:
             raise ValueError(f"unknown Chatterbox variant {name!r}; expected one of {sorted(_VARIANTS)}")
         cfg = _VARIANTS[key]

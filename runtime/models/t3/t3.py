@@ -287,8 +287,8 @@ class T3(nn.Module):
             out[:, step] = tok
             seen.scatter_(1, tok[:, None], True)
             if stop_on_eos:
-                is_eos = (tok == eos) & (torch.ones_like(done) if (step > 0 or not cfg.is_gpt) else dead)
-                done |= is_eos
+                # Turbo/Nano check EOS from the second draw on (reference); a first EOS is skipped.
+                done |= dead if (cfg.is_gpt and step == 0) else (tok == eos)
                 if (step + 1) % poll == 0 and bool(done.all()):
                     n = step + 1
                     break
