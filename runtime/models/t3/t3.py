@@ -122,6 +122,8 @@ class T3(nn.Module):
             prompt_emb = self.speech_emb(prompt)
             if self.speech_pos_emb is not None:
                 prompt_emb = prompt_emb + self.speech_pos_emb(prompt.shape[1])
+        elif prompt_emb is not None:  # precomputed by the reference and stored in conds.pt
+            prompt_emb = prompt_emb.to(self.device, self.dtype)
         emotion = cond.emotion_tensor(self.device, self.dtype) if self.config.emotion_adv else None
         return self.cond_enc(cond.speaker_emb.to(self.device, self.dtype), prompt_emb, emotion)
 
