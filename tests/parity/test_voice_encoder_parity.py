@@ -7,6 +7,8 @@ default 20 dB trim cuts something).
 import numpy as np
 import pytest
 import torch
+
+from _assert import assert_close
 from chatterbox_rt.models.voice_encoder import (
     VoiceEncoder,
     VoiceEncoderConfig,
@@ -22,17 +24,6 @@ TRIM_TOP_DB = [10, 20, 35, 60]
 WEIGHT_SCALE = 0.15
 ATOL_EMBED = 1e-5
 MEL_RTOL, MEL_ATOL = 1e-4, 1e-4
-
-
-def assert_close(name, actual, expected, rtol, atol):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    err = np.abs(actual - expected)
-    bad = err > atol + rtol * np.abs(expected)
-    idx = np.unravel_index(np.argmax(err), err.shape)
-    print(f"{name}: max abs err {err.max():.3e} at {idx}")
-    assert not bad.any(), (f"{name}: {bad.sum()} / {bad.size} mismatches; max abs err {err.max():.3e} at {idx} "
-                           f"(got {actual[idx]:.6g}, want {expected[idx]:.6g})")
 
 
 def synth(seconds, seed):
