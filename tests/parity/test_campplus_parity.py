@@ -10,14 +10,7 @@ FBANK_ATOL = 1e-4
 XVEC_RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on the 2-core CI machine slow these ~50-conv forwards 10-100x whenever
-    another process holds a core (spin-waiting); one thread is fast and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def signal(n, seed):

@@ -20,14 +20,7 @@ CFG = CAMPPlusConfig()
 FRAME_CASES = [(399, 0), (400, 1), (401, 1), (559, 1), (560, 2), (16000, 98), (16001, 98), (52800, 328)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on the 2-core CI machine slow these ~50-conv forwards 10-100x whenever
-    another process holds a core (spin-waiting); one thread is fast and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
