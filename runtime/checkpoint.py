@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .models.t3.config import variant_key
+
 log = logging.getLogger(__name__)
 
 # Official T3 file names per variant, in order of preference. The reference's multilingual
@@ -20,23 +22,17 @@ log = logging.getLogger(__name__)
 # when asked for as "multilingual-v3".
 T3_FILES = {
     "chatterbox": ("t3_cfg.safetensors",),
+    "english": ("t3_cfg.safetensors",),
     "multilingual": ("t3_mtl23ls_v2.safetensors", "t3_mtl23ls_v3.safetensors"),
     "multilingual-v2": ("t3_mtl23ls_v2.safetensors",),
     "multilingual-v3": ("t3_mtl23ls_v3.safetensors",),
     "turbo": ("t3_turbo_v1.safetensors",),
     "nano": ("t3_nano_v1.safetensors",),
 }
-# Variant names accepted by the loaders -> the model config they use.
-VARIANT_ALIASES = {"multilingual-v2": "multilingual", "multilingual-v3": "multilingual", "english": "chatterbox"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
-
-
-def canonical_variant(variant: str) -> str:
-    v = variant.lower().replace("_", "-")
-    return VARIANT_ALIASES.get(v, v)
 
 
 def detect_variant(ckpt_dir: Union[str, Path]) -> str:
@@ -57,9 +53,7 @@ def detect_variant(ckpt_dir: Union[str, Path]) -> str:
 
 def t3_file(ckpt_dir: Union[str, Path], variant: str) -> Path:
     ckpt_dir = Path(ckpt_dir)
-    key = variant.lower().replace("_", "-")
-    if key == "english":
-        key = "chatterbox"
+    key = variant_key(variant)
     if key not in T3_FILES:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(T3_FILES)}")
     for name in T3_FILES[key]:
@@ -141,6 +135,6 @@ def load_t3(ckpt_dir, variant: Optional[str] = None, device="cpu", dtype=torch.f
     variant = variant or detect_variant(ckpt_dir)
     path = t3_file(ckpt_dir, variant)
     sd = read_state_dict(path)
-    model = T3(T3Config.for_variant(canonical_variant(variant)))
+    model = T3(T3Config.for_variant(variant))
     load_into(model, sd, str(path))
     return model.to(device=device, dtype=dtype).eval()

@@ -58,6 +58,7 @@ def _demo_one(variant: str, args) -> None:
     import torch
 
     from .models.t3 import T3, T3Cond
+    from .models.t3.config import SPEECH_CODEBOOK_SIZE
 
     device, dtype = _device(args.device), _dtype(args.dtype)
     t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def _demo_one(variant: str, args) -> None:
         cfg = model.config
         g = torch.Generator().manual_seed(args.seed)
         cond = T3Cond(torch.randn(1, cfg.speaker_embed_size, generator=g) * 0.1,
-                      torch.randint(0, 6561, (1, cfg.speech_cond_prompt_len), generator=g), 0.5)
+                      torch.randint(0, SPEECH_CODEBOOK_SIZE, (1, cfg.speech_cond_prompt_len), generator=g), 0.5)
         body = torch.randint(1, 255, (DUMMY_TEXT_TOKENS,), generator=g)
         text = body if cfg.is_gpt else torch.cat([torch.tensor([cfg.start_text_token]), body,
                                                    torch.tensor([cfg.stop_text_token])])

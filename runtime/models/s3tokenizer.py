@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .masks import length_mask
 from .voice_encoder import VoiceEncoderConfig, mel_filterbank
 
 
@@ -116,11 +117,6 @@ def conv_out_len(n: Tensor | int, c: S3TokenizerConfig) -> Tensor | int:
 def num_tokens(n_samples: int, config: S3TokenizerConfig = S3TokenizerConfig()) -> int:
     """Tokens for an utterance of ``n_samples`` (no ``max_len``, <= 30 s): ceil((n_samples // hop) / 4)."""
     return conv_out_len(conv_out_len(n_samples // config.hop, config), config)
-
-
-def _non_pad_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """``[B, max_len]`` bool, True on real positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _rope_table(c: S3TokenizerConfig) -> tuple[Tensor, Tensor]:
@@ -215,13 +211,13 @@ class S3Encoder(nn.Module):
     def forward(self, x: Tensor, x_len: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
         T = x.shape[-1]
-        mask = _non_pad_mask(x_len, T).unsqueeze(1)  # [B, 1, T]
+        mask = length_mask(x_len, T).unsqueeze(1)  # [B, 1, T]
         x = F.gelu(self.conv1(x * mask))
         x_len, T = conv_out_len(x_len, c), conv_out_len(T, c)
-        mask = _non_pad_mask(x_len, T).unsqueeze(1)
+        mask = length_mask(x_len, T).unsqueeze(1)
         x = F.gelu(self.conv2(x * mask))
         x_len, T = conv_out_len(x_len, c), conv_out_len(T, c)
-        mask = _non_pad_mask(x_len, T).unsqueeze(1)  # [B, 1, T]
+        mask = length_mask(x_len, T).unsqueeze(1)  # [B, 1, T]
         x = x.permute(0, 2, 1)  # [B, T, D]
         mask_pad = mask.transpose(1, 2).to(x.dtype)  # [B, T, 1]
         bias = ((1.0 - mask.to(x.dtype)) * c.attn_mask_bias).unsqueeze(1)  # [B, 1, 1, T]

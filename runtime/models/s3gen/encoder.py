@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import length_mask
+
 SPEECH_VOCAB_SIZE = 6561  # S3 speech tokenizer v2: 3^8 FSQ codes
 MEL_BINS = 80
 SPEAKER_EMBED_DIM = 192  # CAMPPlus x-vector
@@ -80,11 +82,6 @@ class EncoderConfig:
     @property
     def token_mel_ratio(self) -> int:
         return self.upsample_stride
-
-
-def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[B, max_len]`` bool, True on valid frames (the reference's ``~make_pad_mask``)."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.long()[:, None]
 
 
 def rel_position_table(d_model: int, length: int) -> torch.Tensor:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import length_mask
+
 S3GEN_SR = 24000
 
 # Weight-norm key spellings: the old ``torch.nn.utils.weight_norm`` and the new
@@ -173,8 +175,7 @@ def _time_mask(lengths: Optional[torch.Tensor], size: int, scale: int = 1, extra
     """``[B, 1, size]`` with ones on the first ``lengths * scale + extra`` steps (None if no lengths)."""
     if lengths is None:
         return None
-    steps = torch.arange(size, device=lengths.device)
-    return (steps[None, :] < (lengths[:, None] * scale + extra)).to(dtype)[:, None, :]
+    return length_mask(lengths * scale + extra, size).to(dtype)[:, None, :]
 
 
 class Snake(nn.Module):

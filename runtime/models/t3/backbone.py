@@ -33,8 +33,6 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, max_batch: int, max_len: int,
                  dtype: torch.dtype, device: torch.device):
-        self.shape_tail = (num_heads, head_dim)
-        self.num_layers = num_layers
         self.kv = torch.zeros(num_layers, 2, max_batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
 
     @property
@@ -141,9 +139,9 @@ def _probe(probe: AttentionProbe, layer: int, q: Tensor, k: Tensor, pos: Optiona
     heads = probe.heads.get(layer)
     if heads is None:
         return
-    idx = torch.tensor(heads, device=q.device)
-    qs = q[probe.row, idx, -probe.n_query:].float()  # [h, nq, D]
-    ks = k[probe.row, idx].float()  # [h, L, D]
+    # Slices, not an index tensor: building one from the host list would copy to the device every step.
+    qs = torch.cat([q[probe.row, h:h + 1, -probe.n_query:] for h in heads]).float()  # [h, nq, D]
+    ks = torch.cat([k[probe.row, h:h + 1] for h in heads]).float()  # [h, L, D]
     scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
     L = ks.shape[-2]
     if pos is None:  # prefill: query i (counted from the end) sits at position L - nq + i

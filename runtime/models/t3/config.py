@@ -32,6 +32,21 @@ SPEAKER_EMBED_SIZE = 256
 # ``alignment_stream_analyzer.LLAMA_ALIGNED_HEADS``.
 ALIGNMENT_HEADS = ((12, 15), (13, 11), (9, 2))
 
+# Names accepted for a variant -> the model config they use ("multilingual-v2"/"-v3" name
+# checkpoint files of one architecture).
+VARIANT_ALIASES = {"english": "chatterbox", "multilingual-v2": "multilingual", "multilingual-v3": "multilingual"}
+
+
+def variant_key(name: str) -> str:
+    """A variant name as written by a user, normalised ("Multilingual_V3" -> "multilingual-v3")."""
+    return name.lower().replace("_", "-")
+
+
+def canonical_variant(name: str) -> str:
+    """The model config a variant name uses ("multilingual-v3" -> "multilingual")."""
+    key = variant_key(name)
+    return VARIANT_ALIASES.get(key, key)
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -140,21 +155,14 @@ class T3Config:
     def speech_pos_len(self) -> int:
         return self.max_speech_tokens + 2 + 2
 
-    @property
-    def cond_len(self) -> int:
-        """Length of the conditioning prefix: speaker, prompt (or its perceiver summary), emotion."""
-        prompt = self.perceiver_queries if self.use_perceiver else self.speech_cond_prompt_len
-        return 1 + prompt + (1 if self.emotion_adv else 0)
-
     def replace(self, **changes) -> "T3Config":
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def for_variant(cls, name: str, **overrides) -> "T3Config":
         """Config of a Chatterbox variant: "chatterbox" | "multilingual" | "turbo" | "nano"
-        ("multilingual-v2" / "multilingual-v3" name checkpoint files of the same architecture)."""
-        key = name.lower().replace("_", "-")
-        key = {"multilingual-v2": "multilingual", "multilingual-v3": "multilingual"}.get(key, key)
+        (or an alias of ``VARIANT_ALIASES``)."""
+        key = canonical_variant(name)
         if key not in _VARIANTS:
             raise ValueError(f"unknown Chatterbox variant {name!r}; expected one of {sorted(_VARIANTS)}")
         cfg = _VARIANTS[key]
