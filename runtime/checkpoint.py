@@ -31,6 +31,22 @@ T3_FILES = {
 }
 
 
+# The other official files per variant (the reference's loaders use exactly these names).
+S3GEN_FILES = {
+    "chatterbox": ("s3gen.safetensors",),
+    "multilingual": ("s3gen.pt", "s3gen.safetensors"),
+    "turbo": ("s3gen_meanflow.safetensors",),
+    "nano": ("s3gen_meanflow.safetensors",),
+}
+VE_FILES = {
+    "chatterbox": ("ve.safetensors",),
+    "multilingual": ("ve.pt", "ve.safetensors"),
+    "turbo": ("ve.safetensors",),
+    "nano": ("ve.safetensors",),
+}
+BUILTIN_VOICE_FILE = "conds.pt"
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
@@ -61,6 +77,19 @@ def t3_file(ckpt_dir: Union[str, Path], variant: str) -> Path:
             return ckpt_dir / name
     raise CheckpointError(f"missing checkpoint file for variant {variant!r}: "
                           f"{' or '.join(str(ckpt_dir / n) for n in T3_FILES[key])}")
+
+
+def find_file(ckpt_dir: Union[str, Path], variant: str, table: Mapping[str, tuple], what: str) -> Path:
+    """The first official file of ``table[variant]`` present in ``ckpt_dir``; a clear error otherwise."""
+    from .models.t3.config import canonical_variant
+
+    ckpt_dir = Path(ckpt_dir)
+    names = table[canonical_variant(variant)]
+    for name in names:
+        if (ckpt_dir / name).is_file():
+            return ckpt_dir / name
+    raise CheckpointError(f"missing {what} file for variant {variant!r}: "
+                          f"{' or '.join(str(ckpt_dir / n) for n in names)}")
 
 
 def read_state_dict(path: Union[str, Path]) -> dict:
@@ -125,6 +154,23 @@ def init_dummy_(model: nn.Module, seed: int) -> nn.Module:
                 p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=g))
             else:
                 p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def init_dummy_conv_(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded random weights for convolutional stacks (S3Gen, the front ends): weights
+    ~ N(0, 1/fan_in) so activations neither vanish nor explode, biases ~ 0.02 N(0, 1), 1-D
+    parameters (norm gains, Snake alphas) ~ 1 + 0.05 N(0, 1). Buffers (BatchNorm statistics)
+    keep their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=g)
+            elif p.dim() == 1:
+                p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=g))
+            else:
+                p.normal_(0.0, (p[0].numel() if p.dim() > 1 else 1) ** -0.5, generator=g)
     return model
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "GPT2Tokenizer",
     "TextFrontEnd",
     "load_text_frontend",
+    "dummy_text_frontend",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -722,3 +723,44 @@ def load_text_frontend(ckpt_dir: str | Path, variant: str) -> TextFrontEnd:
     else:
         raise ValueError(f"Unknown variant '{variant}'; expected one of {', '.join(VARIANTS)}")
     return TextFrontEnd(variant, tokenizer)
+
+
+def _char_tokenizer(specials: list[str], chars: str) -> Tokenizer:
+    """A BPE with no merges over single characters: every known character is one token."""
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def dummy_text_frontend(variant: str) -> TextFrontEnd:
+    """A character-level stand-in for the official tokenizer files, for dummy weights.
+
+    Text goes through the variant's real normalisation and the same tokenizer classes; only
+    the vocabulary is made up (letters, digits and punctuation are one token each), so token
+    counts are realistic (~1 token per character, like the grapheme tokenizers).
+    """
+    import string
+
+    chars = string.ascii_letters + string.digits + string.punctuation + "’“”"
+    if variant == "chatterbox":
+        specials = [EOT, UNK, SPACE] + [f"[pad{i}]" for i in range(3, START_TEXT_TOKEN)] + [SOT]
+        tok = EnglishTokenizer.__new__(EnglishTokenizer)
+        tok.path, tok.tokenizer = Path("<dummy>"), _char_tokenizer(specials, chars)
+    elif variant == "multilingual":
+        langs = [f"[{lid}]" for lid in SUPPORTED_LANGUAGES]
+        specials = [EOT, UNK, SPACE] + langs + [f"[pad{i}]" for i in range(3 + len(langs), START_TEXT_TOKEN)] + [SOT]
+        tok = MultilingualTokenizer.__new__(MultilingualTokenizer)
+        tok.path, tok.tokenizer = Path("<dummy>"), _char_tokenizer(specials, chars)
+        tok.cangjie_path, tok._cangjie, tok._cangjie_lock = Path("<dummy>"), None, threading.Lock()
+    elif variant in ("turbo", "nano"):
+        byte_chars = "".join(pre_tokenizers.ByteLevel.alphabet())
+        inner = _char_tokenizer([UNK, "<|endoftext|>"], byte_chars)
+        inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        inner.decoder = decoders.ByteLevel()
+        tok = GPT2Tokenizer(inner)
+    else:
+        raise ValueError(f"Unknown variant '{variant}'; expected one of {', '.join(VARIANTS)}")
+    return TextFrontEnd(variant, tok)

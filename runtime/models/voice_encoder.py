@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from itertools import pairwise
 
 import numpy as np
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import as_strided
 from torch import Tensor, nn
+
+from .s3gen.mel import hz_to_mel_slaney, mel_to_hz_slaney, slaney_mel_basis  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -78,46 +79,13 @@ class VoiceEncoderConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Mel filterbank: librosa.filters.mel (htk=False, norm="slaney", dtype=float32), reproduced.
+# Mel filterbank: librosa.filters.mel (htk=False, norm="slaney", dtype=float32), reproduced in
+# s3gen/mel.py (shared with S3Gen's prompt mel and the S3 tokenizer).
 # ----------------------------------------------------------------------------------------------
-_SLANEY_F_SP = 200.0 / 3  # Hz per mel in the linear region
-_SLANEY_MIN_LOG_HZ = 1000.0  # start of the log region
-_SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_F_SP
-_SLANEY_LOGSTEP = np.log(6.4) / 27.0
-
-
-def hz_to_mel_slaney(freqs) -> np.ndarray:
-    freqs = np.asanyarray(freqs, dtype=np.float64)
-    mels = freqs / _SLANEY_F_SP
-    log_t = freqs >= _SLANEY_MIN_LOG_HZ
-    return np.where(log_t, _SLANEY_MIN_LOG_MEL + np.log(np.where(log_t, freqs, 1.0) / _SLANEY_MIN_LOG_HZ)
-                    / _SLANEY_LOGSTEP, mels)
-
-
-def mel_to_hz_slaney(mels) -> np.ndarray:
-    mels = np.asanyarray(mels, dtype=np.float64)
-    freqs = _SLANEY_F_SP * mels
-    log_t = mels >= _SLANEY_MIN_LOG_MEL
-    return np.where(log_t, _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOGSTEP * (mels - _SLANEY_MIN_LOG_MEL)), freqs)
-
-
-@lru_cache
 def mel_filterbank(config: VoiceEncoderConfig = VoiceEncoderConfig()) -> np.ndarray:
-    """``[num_mels, n_freqs]`` float32 triangular Slaney filters, bit-equal to librosa's."""
+    """``[num_mels, n_freqs]`` float32 triangular Slaney filters, bit-equal to librosa's. Read-only."""
     c = config
-    fftfreqs = np.fft.rfftfreq(n=c.n_fft, d=1.0 / c.sample_rate)
-    mel_f = mel_to_hz_slaney(np.linspace(hz_to_mel_slaney(c.fmin), hz_to_mel_slaney(c.fmax), c.num_mels + 2))
-    fdiff = np.diff(mel_f)
-    ramps = np.subtract.outer(mel_f, fftfreqs)
-    lower = -ramps[:-2] / fdiff[:-1, None]
-    upper = ramps[2:] / fdiff[1:, None]
-    # NOTE: librosa stores the triangles in a float32 array, then scales them in float64 and
-    # rounds again; both roundings are kept for bit equality.
-    weights = np.maximum(0, np.minimum(lower, upper)).astype(np.float32)
-    enorm = 2.0 / (mel_f[2:c.num_mels + 2] - mel_f[:c.num_mels])
-    weights = (weights.astype(np.float64) * enorm[:, None]).astype(np.float32)
-    weights.setflags(write=False)
-    return weights
+    return slaney_mel_basis(c.sample_rate, c.n_fft, c.num_mels, c.fmin, c.fmax)
 
 
 # ----------------------------------------------------------------------------------------------

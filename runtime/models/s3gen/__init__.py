@@ -4,8 +4,10 @@ from .cfm import CausalCFM, ConditionalDecoder, FlowConfig
 from .encoder import EncoderConfig, FlowFront, UpsampleConformerEncoder, concat_prompt_tokens
 from .hift import (S3GEN_SR, F0Predictor, HiFTConfig, HiFTGenerator, ResBlock, SineSource, Snake,
                    fold_weight_norm, hann_window, trim_fade)
+from .mel import MelConfig, mel_spectrogram, prompt_mel, slaney_mel_basis
 
 __all__ = ["HiFTConfig", "HiFTGenerator", "F0Predictor", "SineSource", "ResBlock", "Snake",
            "fold_weight_norm", "hann_window", "trim_fade", "S3GEN_SR",
            "EncoderConfig", "UpsampleConformerEncoder", "FlowFront", "concat_prompt_tokens",
-           "FlowConfig", "ConditionalDecoder", "CausalCFM"]
+           "FlowConfig", "ConditionalDecoder", "CausalCFM",
+           "MelConfig", "mel_spectrogram", "prompt_mel", "slaney_mel_basis"]
