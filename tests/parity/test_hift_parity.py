@@ -79,7 +79,7 @@ def zero_noise(monkeypatch):
 
     monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: torch.zeros_like(x))
     monkeypatch.setattr(Uniform, "sample",
-                        lambda self, sample_shape=torch.Size(): torch.zeros(torch.Size(sample_shape) + self.low.shape))
+                        lambda self, sample_shape=(): torch.zeros(torch.Size(sample_shape) + self.low.shape))
 
 
 def mel_input(T, seed):

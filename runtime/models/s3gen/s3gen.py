@@ -1,0 +1,244 @@
+"""S3Gen as one module with the official file's parameter names.
+
+``s3gen.safetensors`` / ``s3gen.pt`` (multilingual) / ``s3gen_meanflow.safetensors`` (Turbo,
+Nano) hold ``tokenizer.*`` (S3 tokenizer v2), ``speaker_encoder.*`` (CAMPPlus), ``flow.*``
+(token embedding, conformer encoder, ``encoder_proj``, speaker affine, ``decoder.estimator``) and
+``mel2wav.*`` (HiFT, weight-normed). The reference builds them in ``S3Token2Wav``; this module
+has the same state-dict layout, folds weight norm at load, and is batched: the flow takes a
+batch of requests with per-request token and prompt lengths, HiFT a batch of mels with lengths.
+
+Data flow of one request (``flow_mel`` then ``hift``)::
+
+    [prompt tokens; new tokens] -> embedding -> encoder (x2 upsample) -> encoder_proj -> mu
+    cond = [prompt mel; zeros], spks = affine(normalise(x-vector)), x0 = noise
+    CFM (10 Euler steps with CFG, or 2 meanflow steps) -> mel; keep the frames after the prompt
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..campplus import CAMPPlus
+from ..masks import length_mask
+from ..s3tokenizer import S3Tokenizer
+from .cfm import MEL_BINS, CausalCFM, FlowConfig
+from .encoder import SPEECH_VOCAB_SIZE, EncoderConfig, FlowFront, concat_prompt_tokens
+from .hift import S3GEN_SR, HiFTGenerator, fold_weight_norm, trim_fade
+
+log = logging.getLogger(__name__)
+
+S3_SR = 16000  # S3 tokenizer and CAMPPlus input rate
+S3GEN_SIL = 4299  # the speech token Turbo appends three times as trailing silence (reference const)
+PROMPT_MAX_SECONDS = 10  # the reference's DEC_COND_LEN: the prompt mel covers at most 10 s
+
+# Keys the reference's S3Tokenizer registers as buffers but recomputes; a checkpoint may hold them.
+TOLERATED_KEYS = tuple(f"tokenizer.{k}" for k in S3Tokenizer.RECOMPUTED_BUFFERS)
+
+
+class Flow(FlowFront):
+    """``CausalMaskedDiffWithXvec`` for inference: ``FlowFront`` plus ``decoder`` (the CFM)."""
+
+    def __init__(self, encoder: Optional[EncoderConfig] = None, flow: Optional[FlowConfig] = None):
+        super().__init__(encoder)
+        self.decoder = CausalCFM(flow or FlowConfig())
+
+
+class S3Gen(nn.Module):
+    """Speech tokens + a voice's S3Gen conditionals -> 24 kHz waveform."""
+
+    sr = S3GEN_SR
+
+    def __init__(self, meanflow: bool = False):
+        super().__init__()
+        self.meanflow = meanflow
+        self.tokenizer = S3Tokenizer()
+        self.speaker_encoder = CAMPPlus()
+        self.flow = Flow(EncoderConfig(), FlowConfig(meanflow=meanflow))
+        self.mel2wav = HiFTGenerator()
+
+    # ------------------------------------------------------------------ construction
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.encoder_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flow.encoder_proj.weight.dtype
+
+    @property
+    def default_steps(self) -> int:
+        c = self.flow.decoder.config
+        return c.meanflow_n_steps if self.meanflow else c.n_steps
+
+    @classmethod
+    def from_dummy(cls, meanflow: bool = False, seed: int = 0, device="cpu", dtype=torch.float32) -> "S3Gen":
+        """Seeded random weights at real shapes (activations kept in a trained model's range)."""
+        from ...checkpoint import init_dummy_conv_
+
+        model = init_dummy_conv_(cls(meanflow), seed)
+        return model.eval().to_precision(device, dtype)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path], meanflow: Optional[bool] = None, device="cpu",
+                  dtype=torch.float32) -> "S3Gen":
+        """Load ``s3gen.safetensors``, ``s3gen.pt`` or ``s3gen_meanflow.safetensors``.
+
+        ``meanflow`` defaults to what the file holds (its estimator has a time-mixing layer)."""
+        from ...checkpoint import read_state_dict
+
+        sd = read_state_dict(path)
+        if meanflow is None:
+            meanflow = any(k.startswith("flow.decoder.estimator.time_embed_mixer") for k in sd)
+        model = cls(meanflow)
+        model.load_checkpoint(sd, str(path))
+        return model.eval().to_precision(device, dtype)
+
+    def load_checkpoint(self, sd: Mapping[str, Tensor], source: str) -> "S3Gen":
+        """Strict load of an official state dict: weight norm folded (both key styles), the
+        reference's recomputed tokenizer buffers tolerated, anything else missing or extra an error."""
+        from ...checkpoint import check_state_dict
+
+        sd = fold_weight_norm(dict(sd))
+        for k in TOLERATED_KEYS:
+            sd.pop(k, None)
+        check_state_dict(self, sd, source)
+        self.load_state_dict(sd, strict=True)
+        return self
+
+    def to_precision(self, device="cpu", dtype=torch.float32) -> "S3Gen":
+        """Front ends (tokenizer, x-vector) stay fp32; the flow and the vocoder take ``dtype``."""
+        self.to(device=device)
+        self.flow.to(dtype=dtype)
+        self.mel2wav.to(dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ voice
+
+    @torch.inference_mode()
+    def embed_ref(self, wav_24k: Union[Tensor, np.ndarray], wav_16k: Optional[Tensor] = None) -> dict:
+        """The reference's ``embed_ref`` for a 24 kHz clip (already cut to ``PROMPT_MAX_SECONDS``):
+        ``prompt_token [1, P]``, ``prompt_token_len [1]``, ``prompt_feat [1, 2P, 80]``,
+        ``prompt_feat_len`` (None, as the reference stores it), ``embedding [1, 192]``.
+
+        The 16 kHz signal for the tokenizer and the x-vector is the 24 kHz clip resampled with
+        torchaudio's sinc interpolation (as the reference does), unless given.
+        """
+        from ..resample import sinc_resample
+        from .mel import mel_spectrogram
+
+        wav = torch.as_tensor(np.asarray(wav_24k) if isinstance(wav_24k, np.ndarray) else wav_24k)
+        wav = torch.atleast_2d(wav.to(device=self.device, dtype=torch.float32))
+        if wav.size(0) != 1:
+            raise ValueError(f"embed_ref takes one clip, got a batch of {wav.size(0)}")
+        feat = mel_spectrogram(wav).transpose(1, 2)  # [1, F, 80]
+        if wav_16k is None:
+            wav_16k = sinc_resample(wav, S3GEN_SR, S3_SR)
+        wav_16k = torch.atleast_2d(wav_16k.to(device=self.device, dtype=torch.float32))
+        embedding = self.speaker_encoder.inference(wav_16k)
+        tokens, token_lens = self.tokenizer(wav_16k)
+        if feat.shape[1] != 2 * tokens.shape[1]:  # the reference trims the tokens to the mel
+            tokens = tokens[:, : feat.shape[1] // 2]
+            token_lens = torch.full_like(token_lens, tokens.shape[1])
+        return dict(prompt_token=tokens, prompt_token_len=token_lens, prompt_feat=feat,
+                    prompt_feat_len=None, embedding=embedding)
+
+    # ------------------------------------------------------------------ flow
+
+    def mel_lengths(self, token_lens: Tensor, refs: Sequence[Mapping]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per request: (full estimator length, prompt mel frames, new mel frames)."""
+        ratio = self.flow.config.token_mel_ratio
+        p_tok = torch.tensor([int(_prompt_len(r)) for r in refs])
+        p_mel = torch.tensor([int(r["prompt_feat"].shape[-2]) for r in refs])
+        full = ratio * (p_tok + token_lens.cpu().long())
+        return full, p_mel, full - p_mel
+
+    @torch.inference_mode()
+    def flow_mel(self, tokens: Tensor, token_lens: Optional[Tensor], refs: Union[Mapping, Sequence[Mapping]], *,
+                 n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """Speech tokens ``[B, T]`` (right-padded; ``token_lens [B]``) with one S3Gen reference
+        dict per request (or one shared) -> (mel ``[B, 80, M]``, mel lengths ``[B]``): the frames
+        after each request's prompt, zero past its length.
+
+        ``noise [B, 80, L]`` is the CFM's initial noise over each request's full length (prompt
+        frames + new frames; ``L`` at least the longest); None draws ``randn`` from ``generator``.
+        """
+        dev, dtype = self.device, self.dtype
+        tokens = torch.atleast_2d(tokens).to(dev)
+        B = tokens.size(0)
+        if token_lens is None:
+            token_lens = torch.full((B,), tokens.size(1), dtype=torch.long)
+        token_lens = torch.as_tensor(token_lens).long()
+        refs = [refs] * B if isinstance(refs, Mapping) else list(refs)
+        if len(refs) != B:
+            raise ValueError(f"{len(refs)} reference dicts for a batch of {B}")
+        if int(token_lens.min()) < 1:
+            raise ValueError("every request needs at least one speech token")
+        bad = (tokens >= SPEECH_VOCAB_SIZE) | (tokens < 0)
+        valid_cols = length_mask(token_lens.to(dev), tokens.size(1))
+        if bool((bad & valid_cols).any()):
+            raise ValueError(f"speech tokens must be in [0, {SPEECH_VOCAB_SIZE}); drop T3's special tokens first")
+
+        full, p_mel, new = self.mel_lengths(token_lens, refs)
+        if int(new.min()) < 1:
+            raise ValueError("the prompt mel is longer than prompt plus new tokens allow")
+        L = int(full.max())
+        prompt_tok = _pad_rows([torch.atleast_2d(r["prompt_token"])[0, : _prompt_len(r)] for r in refs], dev)
+        prompt_lens = torch.tensor([_prompt_len(r) for r in refs], device=dev)
+        all_tok, all_lens = concat_prompt_tokens(prompt_tok, prompt_lens, tokens, token_lens.to(dev))
+        mu, mask = self.flow.encode_tokens(all_tok, all_lens, finalize=True)  # [B, 80, L], [B, 1, L]
+        spks = torch.cat([self.flow.embed_speaker(torch.atleast_2d(r["embedding"]).to(dev, dtype)) for r in refs])
+        cond = torch.zeros_like(mu)
+        for b, r in enumerate(refs):
+            feat = torch.atleast_3d(r["prompt_feat"]).reshape(-1, MEL_BINS)  # [F, 80]
+            cond[b, :, : feat.shape[0]] = feat.to(dev, dtype).T
+
+        if noise is None:
+            noise = torch.randn(B, MEL_BINS, L, generator=generator, device=generator.device if generator else dev,
+                                dtype=torch.float32)
+        noise = torch.atleast_3d(noise)
+        if noise.dim() != 3 or noise.shape[0] != B or noise.shape[1] != MEL_BINS or noise.shape[2] < L:
+            raise ValueError(f"noise must be [{B}, {MEL_BINS}, >= {L}] (prompt + new frames), "
+                             f"got {list(noise.shape)}")
+        noise = noise[..., :L].to(dev, dtype) * mask
+        mel = self.flow.decoder(mu, mask, spks, cond, n_steps=n_steps or self.default_steps, noise=noise,
+                                meanflow=self.meanflow)
+        M = int(new.max())
+        out = mel.new_zeros(B, MEL_BINS, M)
+        for b in range(B):
+            s, n = int(p_mel[b]), int(new[b])
+            out[b, :, :n] = mel[b, :, s: s + n]
+        return out, new.to(dev)
+
+    # ------------------------------------------------------------------ vocoder
+
+    @torch.inference_mode()
+    def hift(self, mel: Tensor, lengths: Optional[Tensor] = None, *, noise_free: bool = False,
+             generator: Optional[torch.Generator] = None, fade: bool = True) -> Tensor:
+        """Mel ``[B, 80, T]`` -> waveform ``[B, 480 T]`` with the reference's trim-fade."""
+        mel = torch.atleast_3d(mel).to(self.device, self.mel2wav.conv_pre.weight.dtype)
+        wav = self.mel2wav(mel, lengths, noise_free=noise_free, generator=generator)
+        return trim_fade(wav) if fade else wav
+
+
+def _prompt_len(ref: Mapping) -> int:
+    """Valid prompt tokens of a reference dict (``prompt_token_len`` or the tensor's width)."""
+    n = ref.get("prompt_token_len")
+    width = torch.atleast_2d(ref["prompt_token"]).shape[1]
+    return width if n is None else min(int(torch.as_tensor(n).reshape(-1)[0]), width)
+
+
+def _pad_rows(rows: Sequence[Tensor], device) -> Tensor:
+    out = torch.zeros(len(rows), max(1, max(r.numel() for r in rows)), dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        out[b, : r.numel()] = r.to(device)
+    return out
+
+
+__all__ = ["S3Gen", "Flow", "S3_SR", "S3GEN_SIL", "PROMPT_MAX_SECONDS", "TOLERATED_KEYS"]

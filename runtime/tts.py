@@ -1,0 +1,295 @@
+"""The public text-to-speech API: ``chatterbox_rt.TTS``.
+
+One object per loaded checkpoint (any variant). A call runs the reference's pipeline::
+
+    text -> normalise -> tokenizer -> T3 (speech tokens) -> S3Gen flow (mel) -> HiFT (wav) -> watermark
+
+and each stage is also callable on its own (``t3_tokens``, ``s3gen_mel``, ``s3gen_wav``) so that
+parity checks and custom pipelines can enter or leave anywhere. Voices are prepared once
+(``prepare_conditionals``) and passed to every call; ``voice=None`` means the checkpoint's
+built-in voice (``conds.pt``), as in the reference.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .audio import AudioError, check_voice_clip, load_audio, resample
+from .checkpoint import (S3GEN_FILES, VE_FILES, CheckpointError, detect_variant, find_file, init_dummy_conv_,
+                         load_into, read_state_dict)
+from .models.s3gen.hift import S3GEN_SR
+from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3GEN_SIL, S3Gen
+from .models.t3 import T3, T3Cond
+from .models.t3.config import SPEECH_CODEBOOK_SIZE, canonical_variant
+from .models.voice_encoder import VoiceEncoder
+from .text import TextFrontEnd, dummy_text_frontend, load_text_frontend
+from .voice import Voice, builtin_voice
+
+log = logging.getLogger(__name__)
+
+AudioInput = Union[str, Path, np.ndarray, Tensor]
+
+# Seconds of the 16 kHz clip that become T3's prompt tokens (the reference's ENC_COND_LEN).
+T3_PROMPT_SECONDS = {"chatterbox": 6, "multilingual": 6, "turbo": 15, "nano": 15}
+# Shortest usable reference clip. Turbo/Nano: the reference asserts "longer than 5 seconds";
+# the others need about a second for the voice encoder's first 1.6 s partial to be mostly speech.
+MIN_VOICE_SECONDS = {"chatterbox": 1.0, "multilingual": 1.0, "turbo": 5.0, "nano": 5.0}
+TURBO_TARGET_LUFS = -27.0  # ChatterboxTurboTTS.norm_loudness
+SAMPLING_ARGS = ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "cfg_weight")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_generator(seed: Optional[int], device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def normalize_loudness(wav: np.ndarray, sr: int, target_lufs: float = TURBO_TARGET_LUFS) -> np.ndarray:
+    """Turbo's reference-clip loudness normalisation (ITU-R BS.1770 via pyloudnorm, as the reference).
+    Clips too short or too quiet to measure are left as they are (the reference does the same)."""
+    try:
+        import pyloudnorm
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("Turbo/Nano voice preparation needs pyloudnorm (pip install pyloudnorm)") from e
+    try:
+        loudness = pyloudnorm.Meter(sr).integrated_loudness(wav)
+    except ValueError as e:
+        log.warning("loudness normalisation skipped: %s", e)
+        return wav
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    if np.isfinite(gain) and gain > 0.0:
+        wav = (wav * gain).astype(np.float32)
+    return wav
+
+
+class S3GenPipeline:
+    """Shared by TTS and VC: speech tokens + S3Gen conditionals -> mel -> waveform (+ watermark)."""
+
+    s3gen: S3Gen
+    device: torch.device
+    sr = S3GEN_SR
+
+    def _gen_ref(self, voice) -> Mapping:
+        gen = voice.gen if isinstance(voice, Voice) else voice
+        if not isinstance(gen, Mapping) or "prompt_feat" not in gen:
+            raise TypeError("voice must be a Voice (or an S3Gen reference dict)")
+        return gen
+
+    def s3gen_mel(self, tokens: Tensor, voice=None, *, n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+        """Speech tokens (1-D or ``[1, T]``, valid ids < 6561) -> mel ``[1, 80, 2T]``.
+
+        ``noise``: the CFM's initial noise ``[1, 80, L]`` over the full length the estimator sees
+        (the voice's prompt frames, then the new frames), as the reference draws it with
+        ``randn_like(mu)``; None draws it from ``generator``. ``n_steps`` defaults to 10 (2 for
+        the meanflow decoders of Turbo/Nano)."""
+        gen = self._gen_ref(self._voice(voice))
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2 and tokens.size(0) != 1:
+            raise ValueError(f"s3gen_mel takes one request ([T] or [1, T]); got {list(tokens.shape)}")
+        tokens = tokens.reshape(1, -1).to(self.device).long()
+        if tokens.size(1) == 0:
+            raise ValueError("no speech tokens to decode")
+        mel, _ = self.s3gen.flow_mel(tokens, None, gen, n_steps=n_steps, noise=noise, generator=generator)
+        return mel
+
+    def s3gen_wav(self, mel: Tensor, *, noise_free: bool = False,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+        """Mel ``[1, 80, T]`` -> waveform ``[1, 480 T]`` (HiFT, then the reference's trim-fade).
+        ``noise_free=True`` zeroes the sine source's random phases and additive noise."""
+        mel = torch.as_tensor(mel)
+        if mel.dim() == 2:
+            mel = mel[None]
+        if mel.dim() != 3 or mel.size(1) != 80:
+            raise ValueError(f"mel must be [1, 80, T]; got {list(mel.shape)}")
+        return self.s3gen.hift(mel, noise_free=noise_free, generator=generator)
+
+    def _finish(self, wav: Tensor, watermark: bool) -> Tensor:
+        """Device waveform ``[1, N]`` -> CPU float32 ``[1, N]``, watermarked unless asked not to."""
+        wav = wav.detach().float().cpu()
+        if not watermark or not wav.numel():
+            return wav
+        from .watermark import get_watermarker
+
+        if wav.shape[-1] * 4 <= 3 * 1024 + 3:  # PerthNet needs > 1024 samples at 32 kHz (~32 ms)
+            log.warning("%d samples are too short to watermark; returned without a watermark", wav.shape[-1])
+            return wav
+        return get_watermarker("cpu").apply(wav[0], self.sr).reshape(1, -1)
+
+    def _voice(self, voice):
+        raise NotImplementedError
+
+
+class TTS(S3GenPipeline):
+    """Text to speech with any Chatterbox variant."""
+
+    def __init__(self, variant: str, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, frontend: TextFrontEnd,
+                 builtin: Optional[Voice] = None, *, source: str = ""):
+        self.variant = canonical_variant(variant)
+        self.t3, self.s3gen, self.ve, self.frontend = t3, s3gen, ve, frontend
+        self.device = t3.device
+        self.dtype = t3.dtype
+        self.builtin_voice = builtin.to(self.device) if builtin is not None else None
+        self.source = source
+        self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
+
+    def __repr__(self) -> str:
+        return f"TTS(variant={self.variant!r}, device={self.device}, dtype={self.dtype}, {self.source})"
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_local(cls, ckpt_dir: Union[str, Path], variant: Optional[str] = None, device=None,
+                   dtype=torch.float32) -> "TTS":
+        """Load a checkpoint directory by the official file names (variant detected if not given)."""
+        ckpt_dir = Path(ckpt_dir)
+        device = device or default_device()
+        variant = variant or detect_variant(ckpt_dir)
+        key = canonical_variant(variant)
+        t3 = T3.from_local(ckpt_dir, variant=variant, device=device, dtype=dtype)
+        s3gen = S3Gen.from_file(find_file(ckpt_dir, key, S3GEN_FILES, "S3Gen"), meanflow=key in ("turbo", "nano"),
+                                device=device, dtype=dtype)
+        ve_path = find_file(ckpt_dir, key, VE_FILES, "voice encoder")
+        ve = load_into(VoiceEncoder(), read_state_dict(ve_path), str(ve_path)).to(device).eval()
+        frontend = load_text_frontend(ckpt_dir, key)
+        return cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir), source=f"checkpoint {ckpt_dir}")
+
+    @classmethod
+    def from_dummy(cls, variant: str, seed: int = 0, device=None, dtype=torch.float32, **t3_overrides) -> "TTS":
+        """Seeded random weights at the real shapes, a character-level stand-in tokenizer and a
+        random built-in voice: for tests and benchmarks (the audio is noise, the work is real).
+        ``t3_overrides`` replace T3Config fields (e.g. a smaller backbone for fast tests)."""
+        device = device or default_device()
+        key = canonical_variant(variant)
+        t3 = T3.from_dummy(variant, seed=seed, device=device, dtype=dtype, **t3_overrides)
+        s3gen = S3Gen.from_dummy(meanflow=key in ("turbo", "nano"), seed=seed + 1, device=device, dtype=dtype)
+        ve = init_dummy_conv_(VoiceEncoder(), seed + 2).to(device).eval()
+        voice = dummy_voice(t3.config.speech_cond_prompt_len, seed=seed + 3)
+        return cls(variant, t3, s3gen, ve, dummy_text_frontend(key), voice, source=f"dummy weights (seed {seed})")
+
+    # ------------------------------------------------------------------ voices
+
+    @torch.inference_mode()
+    def prepare_conditionals(self, wav: AudioInput, sr: Optional[int] = None, exaggeration: float = 0.5, *,
+                             norm_loudness: bool = True) -> Voice:
+        """A reference clip (file path, or array with ``sr``) -> ``Voice``.
+
+        As the reference: the clip is read at 24 kHz (mixed to mono), Turbo/Nano normalise its
+        loudness to -27 LUFS (``norm_loudness``), the first 10 s give the S3Gen prompt (mel,
+        tokens, x-vector), the first 6 s (15 s for Turbo/Nano) at 16 kHz give T3's prompt tokens,
+        and the whole clip at 16 kHz the speaker embedding.
+        """
+        wav24, _ = load_audio(wav, sr, target_sr=S3GEN_SR)
+        check_voice_clip(wav24, S3GEN_SR, min_seconds=MIN_VOICE_SECONDS[self.variant],
+                         name=str(wav) if isinstance(wav, (str, Path)) else "reference clip")
+        if self.variant in ("turbo", "nano") and norm_loudness:
+            wav24 = normalize_loudness(wav24, S3GEN_SR)
+        wav16 = resample(wav24, S3GEN_SR, S3_SR)
+
+        gen = self.s3gen.embed_ref(wav24[: PROMPT_MAX_SECONDS * S3GEN_SR])
+        plen = self.t3.config.speech_cond_prompt_len
+        prompt, _ = self.s3gen.tokenizer([torch.from_numpy(wav16[: T3_PROMPT_SECONDS[self.variant] * S3_SR])],
+                                         max_len=plen)
+        spk = torch.from_numpy(self.ve.embeds_from_wavs([wav16], sample_rate=S3_SR)).mean(dim=0, keepdim=True)
+        t3 = T3Cond(speaker_emb=spk.to(self.device), cond_prompt_speech_tokens=prompt.to(self.device),
+                    emotion_adv=float(exaggeration) * torch.ones(1, 1, 1, device=self.device))
+        return Voice(t3, gen).validate("prepared voice")
+
+    def _voice(self, voice) -> Voice:
+        if voice is None:
+            if self.builtin_voice is None:
+                raise ValueError("no voice given and this checkpoint has no built-in voice (conds.pt): "
+                                 "pass voice=tts.prepare_conditionals('clip.wav')")
+            return self.builtin_voice
+        if isinstance(voice, (str, Path, np.ndarray)):
+            raise TypeError("voice must be a Voice; make one with tts.prepare_conditionals(clip)")
+        if not isinstance(voice, Voice):
+            raise TypeError(f"voice must be a Voice, got {type(voice).__name__}")
+        return voice if voice.device == self.device else voice.to(self.device)
+
+    # ------------------------------------------------------------------ stages
+
+    def text_tokens(self, text: str, language_id: Optional[str] = None) -> Tensor:
+        """The variant's text normalisation and tokenizer -> 1-D LongTensor on the model's device."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text is empty (or only whitespace): there is nothing to say")
+        if self.variant == "multilingual" and language_id is None:
+            raise ValueError("the multilingual model needs language_id (e.g. 'en', 'fr')")
+        ids = self.frontend.to_tokens(text, language_id=language_id)
+        limit = self.t3.config.text_pos_len if self.t3.config.learned_pos_emb else None
+        if limit is not None and ids.numel() > limit:
+            raise ValueError(f"text is too long: {ids.numel()} tokens after normalisation, this model takes at "
+                             f"most {limit}; split it into sentences and synthesise them one by one")
+        return ids.to(self.device)
+
+    def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: int = 1000,
+                  language_id: Optional[str] = None, seed: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None, exaggeration: Optional[float] = None,
+                  **sampling) -> Tensor:
+        """``generate``'s text path and T3 -> valid speech tokens (1-D LongTensor, ids < 6561).
+
+        Sampling arguments (``temperature``, ``top_p``, ``min_p``, ``top_k``,
+        ``repetition_penalty``, ``cfg_weight``) default to the reference's for the variant."""
+        unknown = sorted(set(sampling) - set(SAMPLING_ARGS))
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s) {unknown}; expected some of {list(SAMPLING_ARGS)}")
+        v = self._voice(voice)
+        if exaggeration is not None:
+            v = v.with_exaggeration(exaggeration)
+        ids = self.text_tokens(text, language_id)
+        if generator is None:
+            generator = make_generator(seed, self.device)
+        with self._lock:
+            tokens = self.t3.generate(v.t3, ids, max_new_tokens=max_new_tokens, generator=generator, **sampling)
+        return tokens[tokens < SPEECH_CODEBOOK_SIZE]
+
+    # ------------------------------------------------------------------ all of it
+
+    def generate(self, text: str, voice: Optional[Voice] = None, *, seed: Optional[int] = None,
+                 language_id: Optional[str] = None, watermark: bool = True, exaggeration: Optional[float] = None,
+                 max_new_tokens: int = 1000, n_steps: Optional[int] = None, **sampling) -> Tensor:
+        """Text -> 24 kHz waveform ``[1, N]`` (CPU float32), watermarked unless ``watermark=False``.
+
+        ``seed`` makes the call reproducible (T3 sampling, CFM noise and HiFT's source noise all
+        draw from one generator). ``exaggeration`` overrides the voice's (Llama variants)."""
+        generator = make_generator(seed, self.device)
+        tokens = self.t3_tokens(text, voice, max_new_tokens=max_new_tokens, language_id=language_id,
+                                generator=generator, exaggeration=exaggeration, **sampling)
+        if self.variant in ("turbo", "nano"):  # the reference appends three silence tokens
+            tokens = torch.cat([tokens, tokens.new_full((3,), S3GEN_SIL)])
+        if tokens.numel() == 0:
+            log.warning("T3 produced no speech tokens for %r; returning empty audio", text[:40])
+            return torch.zeros(1, 0)
+        mel = self.s3gen_mel(tokens, voice, n_steps=n_steps, generator=generator)
+        wav = self.s3gen_wav(mel, generator=generator)
+        return self._finish(wav, watermark)
+
+
+def dummy_voice(prompt_len: int, seed: int = 0, prompt_seconds: float = 4.0) -> Voice:
+    """A random voice at the real shapes (for dummy weights)."""
+    g = torch.Generator().manual_seed(seed)
+    n_tok = int(prompt_seconds * 25)
+    spk = torch.randn(1, 256, generator=g)
+    t3 = T3Cond(speaker_emb=spk / spk.norm(), emotion_adv=0.5 * torch.ones(1, 1, 1),
+                cond_prompt_speech_tokens=torch.randint(0, SPEECH_CODEBOOK_SIZE, (1, prompt_len), generator=g))
+    gen = dict(prompt_token=torch.randint(0, SPEECH_CODEBOOK_SIZE, (1, n_tok), generator=g),
+               prompt_token_len=torch.tensor([n_tok]),
+               prompt_feat=torch.randn(1, 2 * n_tok, 80, generator=g) - 6.0,  # log-mel range
+               prompt_feat_len=None,
+               embedding=torch.randn(1, 192, generator=g))
+    return Voice(t3, gen)
+
+
+__all__ = ["TTS", "S3GenPipeline", "dummy_voice", "normalize_loudness", "AudioError", "CheckpointError"]
