@@ -68,7 +68,9 @@ def normalize_loudness(wav: np.ndarray, sr: int, target_lufs: float = TURBO_TARG
         return wav
     gain = 10.0 ** ((target_lufs - loudness) / 20.0)
     if np.isfinite(gain) and gain > 0.0:
-        wav = (wav * gain).astype(np.float32)
+        # float32 arithmetic, as under the reference's pinned numpy < 2 (value-based casting); with
+        # numpy 2 the reference's product turns float64 and its tokenizer then fails on it.
+        wav = wav.astype(np.float32) * np.float32(gain)
     return wav
 
 
