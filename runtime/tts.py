@@ -158,6 +158,15 @@ class TTS(S3GenPipeline):
         device = device or default_device()
         variant = variant or detect_variant(ckpt_dir)
         key = canonical_variant(variant)
+        # Every missing file is named at once, before anything slow is loaded.
+        problems = []
+        for table, what in ((S3GEN_FILES, "S3Gen"), (VE_FILES, "voice encoder")):
+            try:
+                find_file(ckpt_dir, key, table, what)
+            except CheckpointError as e:
+                problems.append(str(e))
+        if problems:
+            raise CheckpointError("; ".join(problems))
         t3 = T3.from_local(ckpt_dir, variant=variant, device=device, dtype=dtype)
         s3gen = S3Gen.from_file(find_file(ckpt_dir, key, S3GEN_FILES, "S3Gen"), meanflow=key in ("turbo", "nano"),
                                 device=device, dtype=dtype)

@@ -43,7 +43,7 @@ class VC(S3GenPipeline):
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
-        names = [n for v in ("chatterbox", "multilingual", "turbo") for n in S3GEN_FILES[v]]
+        names = list(dict.fromkeys(n for v in ("chatterbox", "multilingual", "turbo") for n in S3GEN_FILES[v]))
         path = next((ckpt_dir / n for n in names if (ckpt_dir / n).is_file()), None)
         if path is None:
             raise CheckpointError(f"no S3Gen checkpoint in {ckpt_dir}: expected one of {', '.join(names)}")

@@ -136,7 +136,7 @@ def test_turbo_voice_preparation_parity(ref, ve_pair):
     voice = ours.prepare_conditionals(clip, exaggeration=0.0)
     assert 150 < voice.t3.cond_prompt_speech_tokens.shape[1] < 375  # 6.7 s of speech: over 6 s, under the cap
     assert_voice_equal(ref_tts.conds, voice)
-    with pytest.raises(ValueError, match="shorter than|at least"):
+    with pytest.raises(ValueError, match="at least 5"):
         ours.prepare_conditionals(DATA / "speech_en_3s.wav")  # the reference asserts > 5 s
 
 
