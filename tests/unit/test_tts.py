@@ -185,3 +185,16 @@ def test_checkpoint_directory_errors(tmp_path):
     (tmp_path / "t3_cfg.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="s3gen.safetensors"):
         TTS.from_local(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_reduced_precision_runs_end_to_end(dtype):
+    """T3, the flow and HiFT in bf16 (HiFT's 16-point STFTs stay fp32: there is no half-precision
+    FFT on CPU); a batch of two padded requests through HiFT too."""
+    tts = small_tts("nano")
+    tts16 = TTS.from_dummy("nano", seed=0, device="cpu", dtype=dtype, backbone=tts.t3.config.backbone)
+    wav = tts16.generate("Hello.", seed=0, watermark=False, **SHORT)
+    assert wav.dtype == torch.float32 and torch.isfinite(wav).all() and wav.abs().max() > 0
+    mel = torch.randn(2, 80, 12, dtype=dtype) - 5
+    out = tts16.s3gen.hift(mel, torch.tensor([12, 7]), noise_free=True)
+    assert torch.isfinite(out).all() and out[1, 7 * 480:].abs().max() == 0

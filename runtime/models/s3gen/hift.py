@@ -331,8 +331,11 @@ class HiFTGenerator(nn.Module):
     def _source_stft(self, s: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """``s [B, 1, N]`` -> ``[B, 2 * n_freq, N / hop + 1]`` (real bins then imaginary bins)."""
         c = self.config
-        window = self.stft_window.to(s.dtype)
-        s = s.squeeze(1)
+        # The 16-point transforms run in fp32 whatever the model's dtype (no half-precision FFT on
+        # CPU; their cost is negligible); the result returns to the model's dtype.
+        dtype = s.dtype
+        window = self.stft_window.float()
+        s = s.squeeze(1).float()
         if lengths is None:
             spec = torch.stft(s, c.n_fft, c.hop, c.n_fft, window=window, center=True, return_complex=True)
         else:
@@ -345,19 +348,21 @@ class HiFTGenerator(nn.Module):
             idx = torch.where(idx >= end, 2 * (end - 1) - idx, idx).clamp(0, s.shape[-1] - 1)
             padded = torch.gather(s, 1, idx)
             spec = torch.stft(padded, c.n_fft, c.hop, c.n_fft, window=window, center=False, return_complex=True)
-        return torch.cat([spec.real, spec.imag], dim=1)
+        return torch.cat([spec.real, spec.imag], dim=1).to(dtype)
 
     # -- filter ---------------------------------------------------------------------------
 
     def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         c = self.config
-        magnitude = torch.clip(magnitude, max=c.magnitude_max)
+        magnitude = torch.clip(magnitude.float(), max=c.magnitude_max)  # fp32, as in _source_stft
+        phase = phase.float()
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))  # [B, n_freq, F]
-        window = self.stft_window.to(magnitude.dtype)
+        window = self.stft_window.float()
         if frame_mask is None:
             return torch.istft(spec, c.n_fft, c.hop, c.n_fft, window=window)
         # torch.istft divides by the overlap-added squared window of *all* frames; a shorter
         # request's last samples must see only its own frames, so overlap-add by hand.
+        frame_mask = frame_mask.float()
         n_frames = spec.shape[-1]
         frames = torch.fft.irfft(spec * frame_mask, n=c.n_fft, dim=1) * window[None, :, None]  # [B, n_fft, F]
         total = c.n_fft + c.hop * (n_frames - 1)
