@@ -125,3 +125,18 @@ def test_cfg_combination_matches_formula(cfm):
         want = noise + (t1 - t0) * ((1 + w) * v_c - w * v_u)
     got = cfm(mu, mask, spks, cond, n_steps=1, noise=noise)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_unpadded_fast_path_equals_all_ones_mask():
+    """mask=None (nothing padded) skips the mask passes and the attention bias; same velocity."""
+    from chatterbox_rt.checkpoint import init_dummy_conv_
+    from chatterbox_rt.models.s3gen.cfm import ConditionalDecoder
+
+    est = init_dummy_conv_(ConditionalDecoder(FlowConfig(n_blocks=1, num_mid_blocks=2)), 0).eval()
+    g = torch.Generator().manual_seed(0)
+    x, mu, cond = (torch.randn(2, 80, 37, generator=g) for _ in range(3))
+    spks, t = torch.randn(2, 80, generator=g), torch.tensor([0.4])
+    with torch.inference_mode():
+        masked = est(x, torch.ones(2, 1, 37), mu, t, spks, cond)
+        fast = est(x, None, mu, t, spks, cond)
+    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)

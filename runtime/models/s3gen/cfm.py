@@ -126,6 +126,11 @@ class _ChannelLayerNorm(nn.LayerNorm):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
+def _masked(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * mask``; a None mask means nothing is padded and skips the pass over memory."""
+    return x if mask is None else x * mask
+
+
 class CausalBlock1D(nn.Module):
     def __init__(self, dim: int, dim_out: int, kernel_size: int, eps: float):
         super().__init__()
@@ -133,8 +138,8 @@ class CausalBlock1D(nn.Module):
         self.block = nn.Sequential(CausalConv1d(dim, dim_out, kernel_size), nn.Identity(),
                                    _ChannelLayerNorm(dim_out, eps=eps), nn.Identity(), nn.Mish())
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.block(x * mask) * mask
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return _masked(self.block(_masked(x, mask)), mask)
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -145,9 +150,9 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out, kernel_size, eps)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], t_emb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x, mask) + self.mlp(t_emb).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+        return self.block2(h, mask) + self.res_conv(_masked(x, mask))
 
 
 class Downsample1D(nn.Module):
@@ -180,7 +185,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:  # x [B, T, C]
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.to_k(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -227,10 +232,10 @@ def _transformers(cfg: FlowConfig, dim: int) -> nn.ModuleList:
     return nn.ModuleList([BasicTransformerBlock(cfg, dim) for _ in range(cfg.n_blocks)])
 
 
-def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     # NOTE: the reference also forces fully-masked rows to attend everywhere (a host sync);
     # a row is fully masked only for a zero-length request, which we do not support.
-    attn_bias = ((1.0 - mask.to(x.dtype)) * ATTN_MASK_BIAS).unsqueeze(1)  # [B, 1, 1, T]
+    attn_bias = None if mask is None else ((1.0 - mask.to(x.dtype)) * ATTN_MASK_BIAS).unsqueeze(1)  # [B, 1, 1, T]
     x = x.transpose(1, 2).contiguous()  # [B, T, C]
     for block in blocks:
         x = block(x, attn_bias)
@@ -287,9 +292,12 @@ class ConditionalDecoder(nn.Module):
             emb = self.time_embed_mixer(torch.cat([emb, r_emb], dim=1))
         return emb
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t, r [B] or [1]; spks [B, 80] -> velocity [B, 80, T]."""
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t, r [B] or [1]; spks [B, 80] -> velocity [B, 80, T].
+
+        ``mask=None`` declares that no frame is padded: the same result without the mask passes
+        (the reference multiplies by an all-ones mask ~100 times per call)."""
         t_emb = self.time_embedding(t, r)
         T = x.shape[-1]
         x = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, T), cond], dim=1)  # [B, 320, T]
@@ -299,8 +307,8 @@ class ConditionalDecoder(nn.Module):
             m = masks[-1]
             x = _run_transformers(blocks, resnet(x, m, t_emb), m)
             hiddens.append(x)
-            x = down(x * m)
-            masks.append(m[:, :, ::2])
+            x = down(_masked(x, m))
+            masks.append(None if m is None else m[:, :, ::2])
         masks = masks[:-1]
         m = masks[-1]
         for resnet, blocks in self.mid_blocks:
@@ -309,9 +317,9 @@ class ConditionalDecoder(nn.Module):
             m, skip = masks.pop(), hiddens.pop()
             x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
             x = _run_transformers(blocks, resnet(x, m, t_emb), m)
-            x = up(x * m)
+            x = up(_masked(x, m))
         x = self.final_block(x, m)
-        return self.final_proj(x * m) * mask
+        return _masked(self.final_proj(_masked(x, m)), mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,10 +341,10 @@ class CausalCFM(nn.Module):
         self.estimator = estimator if estimator is not None else ConditionalDecoder(config)
 
     @torch.inference_mode()
-    def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+    def forward(self, mu: torch.Tensor, mask: Optional[torch.Tensor], spks: torch.Tensor, cond: torch.Tensor,
                 n_steps: Optional[int] = None, noise: Optional[torch.Tensor] = None,
                 meanflow: bool = False) -> torch.Tensor:
-        """mu, cond, noise [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T].
+        """mu, cond, noise [B, 80, T]; mask [B, 1, T] (None: nothing padded); spks [B, 80] -> mel [B, 80, T].
 
         ``noise`` is the initial x0 (the reference draws ``randn_like(mu)``); it is required so
         that a caller controls the randomness."""
@@ -351,7 +359,8 @@ class CausalCFM(nn.Module):
         t_span = time_span(n_steps, scheduler, device=mu.device, dtype=mu.dtype)
 
         in_dtype, dtype = noise.dtype, self.estimator.dtype
-        x, t_span, mu, mask, spks, cond = (a.to(dtype) for a in (noise, t_span, mu, mask, spks, cond))
+        x, t_span, mu, spks, cond = (a.to(dtype) for a in (noise, t_span, mu, spks, cond))
+        mask = None if mask is None else mask.to(dtype)
         if meanflow:
             return self._basic_euler(x, t_span, mu, mask, spks, cond).to(in_dtype)
         return self._solve_euler_cfg(x, t_span, mu, mask, spks, cond).to(in_dtype)
@@ -371,7 +380,7 @@ class CausalCFM(nn.Module):
         B, C, T = x.shape
         w = self.config.cfg_rate
         x_in = x.new_empty(2 * B, C, T)  # [2B, 80, T]
-        mask_in = torch.cat([mask, mask], dim=0)  # [2B, 1, T]
+        mask_in = None if mask is None else torch.cat([mask, mask], dim=0)  # [2B, 1, T]
         mu_in = x.new_zeros(2 * B, *mu.shape[1:])
         spks_in = x.new_zeros(2 * B, *spks.shape[1:])
         cond_in = x.new_zeros(2 * B, *cond.shape[1:])

@@ -419,7 +419,10 @@ class HiFTGenerator(nn.Module):
         """mel ``[B, 80, T]`` (log-mel, 50 frames/s), optional ``lengths [B]`` in mel frames ->
         waveform ``[B, 480 T]``; samples past ``480 * lengths[b]`` are zero."""
         if lengths is not None:
-            lengths = lengths.to(device=mel.device, dtype=torch.long)
+            if lengths.device.type == "cpu" and bool((lengths == mel.shape[-1]).all()):
+                lengths = None  # nothing is padded: skip the masks (known on the host, so no sync)
+            else:
+                lengths = lengths.to(device=mel.device, dtype=torch.long)
         mask = _time_mask(lengths, mel.shape[-1], 1, 0, mel.dtype)
         f0 = self.f0_predictor(mel, mask)  # [B, T]
         s = self.excitation(f0, noise_free=noise_free, generator=generator)  # [B, 1, 480 T]

@@ -163,8 +163,8 @@ class S3Gen(nn.Module):
                  n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """Speech tokens ``[B, T]`` (right-padded; ``token_lens [B]``) with one S3Gen reference
-        dict per request (or one shared) -> (mel ``[B, 80, M]``, mel lengths ``[B]``): the frames
-        after each request's prompt, zero past its length.
+        dict per request (or one shared) -> (mel ``[B, 80, M]``, mel lengths ``[B]`` on the CPU):
+        the frames after each request's prompt, zero past its length.
 
         ``noise [B, 80, L]`` is the CFM's initial noise over each request's full length (prompt
         frames + new frames; ``L`` at least the longest); None draws ``randn`` from ``generator``.
@@ -206,15 +206,19 @@ class S3Gen(nn.Module):
         if noise.dim() != 3 or noise.shape[0] != B or noise.shape[1] != MEL_BINS or noise.shape[2] < L:
             raise ValueError(f"noise must be [{B}, {MEL_BINS}, >= {L}] (prompt + new frames), "
                              f"got {list(noise.shape)}")
-        noise = noise[..., :L].to(dev, dtype) * mask
-        mel = self.flow.decoder(mu, mask, spks, cond, n_steps=n_steps or self.default_steps, noise=noise,
-                                meanflow=self.meanflow)
+        padded = bool((full < L).any())  # host-known: no device sync
+        noise = noise[..., :L].to(dev, dtype)
+        if padded:
+            noise = noise * mask
+        # Unpadded (every single request): the estimator skips its ~100 all-ones mask passes.
+        mel = self.flow.decoder(mu, mask if padded else None, spks, cond, n_steps=n_steps or self.default_steps,
+                                noise=noise, meanflow=self.meanflow)
         M = int(new.max())
         out = mel.new_zeros(B, MEL_BINS, M)
         for b in range(B):
             s, n = int(p_mel[b]), int(new[b])
             out[b, :, :n] = mel[b, :, s: s + n]
-        return out, new.to(dev)
+        return out, new  # lengths stay on the host: they are known there, and HiFT reads them
 
     # ------------------------------------------------------------------ vocoder
 
