@@ -28,6 +28,7 @@ from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3GEN_SIL, S3Gen
 from .models.t3 import T3, T3Cond
 from .models.t3.config import SPEECH_CODEBOOK_SIZE, canonical_variant
 from .models.voice_encoder import VoiceEncoder
+from .profiling import nvtx
 from .text import TextFrontEnd, dummy_text_frontend, load_text_frontend
 from .voice import Voice, builtin_voice
 
@@ -118,7 +119,8 @@ class S3GenPipeline:
 
     def _finish(self, wav: Tensor, watermark: bool) -> Tensor:
         """Device waveform ``[1, N]`` -> CPU float32 ``[1, N]``, watermarked unless asked not to."""
-        wav = wav.detach().float().cpu()
+        with nvtx.range("to_host", "io"):
+            wav = wav.detach().float().cpu()
         if not watermark or not wav.numel():
             return wav
         from .watermark import get_watermarker
@@ -126,7 +128,8 @@ class S3GenPipeline:
         if wav.shape[-1] * 4 <= 3 * 1024 + 3:  # PerthNet needs > 1024 samples at 32 kHz (~32 ms)
             log.warning("%d samples are too short to watermark; returned without a watermark", wav.shape[-1])
             return wav
-        return get_watermarker("cpu").apply(wav[0], self.sr).reshape(1, -1)
+        with nvtx.range("watermark"):
+            return get_watermarker("cpu").apply(wav[0], self.sr).reshape(1, -1)
 
     def _voice(self, voice):
         raise NotImplementedError
@@ -191,6 +194,7 @@ class TTS(S3GenPipeline):
     # ------------------------------------------------------------------ voices
 
     @torch.inference_mode()
+    @nvtx.annotate("voice")
     def prepare_conditionals(self, wav: AudioInput, sr: Optional[int] = None, exaggeration: float = 0.5, *,
                              norm_loudness: bool = True) -> Voice:
         """A reference clip (file path, or array with ``sr``) -> ``Voice``.
@@ -230,6 +234,7 @@ class TTS(S3GenPipeline):
 
     # ------------------------------------------------------------------ stages
 
+    @nvtx.annotate("text")
     def text_tokens(self, text: str, language_id: Optional[str] = None) -> Tensor:
         """The variant's text normalisation and tokenizer -> 1-D LongTensor on the model's device."""
         if not isinstance(text, str):
@@ -262,7 +267,7 @@ class TTS(S3GenPipeline):
         ids = self.text_tokens(text, language_id)
         if generator is None:
             generator = make_generator(seed, self.device)
-        with self._lock:
+        with self._lock, nvtx.range("t3"):
             tokens = self.t3.generate(v.t3, ids, max_new_tokens=max_new_tokens, generator=generator, **sampling)
         return tokens[tokens < SPEECH_CODEBOOK_SIZE]
 

@@ -17,6 +17,7 @@ from .audio import check_voice_clip, load_audio
 from .checkpoint import S3GEN_FILES, BUILTIN_VOICE_FILE, CheckpointError
 from .models.s3gen.hift import S3GEN_SR
 from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3Gen
+from .profiling import nvtx
 from .tts import AudioInput, S3GenPipeline, default_device, dummy_voice, make_generator
 from .voice import Voice
 
@@ -96,7 +97,8 @@ class VC(S3GenPipeline):
         in the target voice: a clip (path/array), a ``Voice``, an S3Gen reference dict, or None
         for the built-in voice."""
         target = self._voice(target_voice)
-        tokens = self.source_tokens(audio, sr)
+        with nvtx.range("source_tokens", "voice"):
+            tokens = self.source_tokens(audio, sr)
         generator = make_generator(seed, self.device)
         mel = self.s3gen_mel(tokens, target, n_steps=n_steps, generator=generator)
         return self._finish(self.s3gen_wav(mel, generator=generator), watermark)

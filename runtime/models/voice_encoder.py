@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from numpy.lib.stride_tricks import as_strided
 from torch import Tensor, nn
 
-from .s3gen.mel import hz_to_mel_slaney, mel_to_hz_slaney, slaney_mel_basis  # noqa: F401
+from .melbank import hz_to_mel_slaney, mel_to_hz_slaney, slaney_mel_basis  # noqa: F401
 
 
 @dataclass(frozen=True)

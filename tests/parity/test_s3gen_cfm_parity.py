@@ -9,6 +9,7 @@ initial noise with ``torch.randn_like(mu)`` and then overwrites ``z[..., prompt_
 """
 import pytest
 import torch
+from _s3gen_pairs import rerandomise_flow_ as rerandomise_
 from chatterbox_rt.models.s3gen.cfm import CausalCFM, FlowConfig
 
 SEED = 1234
@@ -45,20 +46,6 @@ def build_reference(ref, meanflow=False, **sizes):
     kw.update(sizes)
     estimator = RefDecoder(**kw)
     return CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=estimator)
-
-
-def rerandomise_(model, seed):
-    """Weights ~ N(0, 1/fan_in), biases ~ 0.05 N(0, 1), norm gains ~ 1 + 0.1 N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return model
 
 
 def make_pair(ref, meanflow=False, **sizes):

@@ -198,3 +198,20 @@ def test_reduced_precision_runs_end_to_end(dtype):
     mel = torch.randn(2, 80, 12, dtype=dtype) - 5
     out = tts16.s3gen.hift(mel, torch.tensor([12, 7]), noise_free=True)
     assert torch.isfinite(out).all() and out[1, 7 * 480:].abs().max() == 0
+
+
+def test_public_modules_import_no_heavy_or_reference_packages():
+    """librosa, torchaudio, transformers, scipy (pyloudnorm's, imported only for Turbo voices) and
+    perth stay out of the runtime path; each module is imported first in a fresh interpreter, so
+    an import cycle between the front ends shows up too."""
+    import subprocess
+    import sys
+
+    banned = ("librosa", "scipy", "torchaudio", "transformers", "perth", "chatterbox")
+    for module in ("chatterbox_rt.models.voice_encoder", "chatterbox_rt.models.s3tokenizer",
+                   "chatterbox_rt.models.s3gen", "chatterbox_rt.tts", "chatterbox_rt.vc", "chatterbox_rt.compat",
+                   "chatterbox_rt.voices", "chatterbox_rt.cli", "chatterbox_rt.watermark", "chatterbox_rt.audio"):
+        code = f"import sys, {module}; print(sorted(m for m in {banned!r} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, f"import {module} failed:\n{out.stderr[-2000:]}"
+        assert out.stdout.strip() == "[]", f"{module} imported {out.stdout.strip()}"

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...profiling import nvtx
+
 MEL_BINS = 80
 SPK_EMB_DIM = 80  # the speaker x-vector after ``spk_embed_affine_layer``
 ATTN_MASK_BIAS = -1.0e10  # the reference's additive bias for masked keys (``mask_to_bias``)
@@ -368,8 +370,11 @@ class CausalCFM(nn.Module):
     def _basic_euler(self, x, t_span, mu, mask, spks, cond) -> torch.Tensor:
         """Meanflow: plain Euler over (t, r) pairs, no CFG (distilled with CFG outputs)."""
         for t, r in zip(t_span[:-1], t_span[1:], strict=True):
-            t, r = t[None], r[None]
-            x = x + (r - t) * self.estimator(x, mask, mu, t, spks, cond, r)
+            with nvtx.range("cfm_step"):
+                t, r = t[None], r[None]
+                with nvtx.range("estimator"):
+                    v = self.estimator(x, mask, mu, t, spks, cond, r)
+                x = x + (r - t) * v
         return x
 
     def _solve_euler_cfg(self, x, t_span, mu, mask, spks, cond) -> torch.Tensor:
@@ -387,10 +392,12 @@ class CausalCFM(nn.Module):
         mu_in[:B], spks_in[:B], cond_in[:B] = mu, spks, cond
         t_in = x.new_empty(1)  # the time is shared by all rows; the embedding broadcasts
         for t, r in zip(t_span[:-1], t_span[1:], strict=True):
-            x_in[:B] = x
-            x_in[B:] = x
-            t_in.copy_(t)
-            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
-            v_cond, v_uncond = v[:B], v[B:]
-            x = x + (r - t) * ((1.0 + w) * v_cond - w * v_uncond)
+            with nvtx.range("cfm_step"):
+                x_in[:B] = x
+                x_in[B:] = x
+                t_in.copy_(t)
+                with nvtx.range("estimator"):
+                    v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
+                v_cond, v_uncond = v[:B], v[B:]
+                x = x + (r - t) * ((1.0 + w) * v_cond - w * v_uncond)
         return x

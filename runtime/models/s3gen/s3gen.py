@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ...profiling import nvtx
 from ..campplus import CAMPPlus
 from ..masks import length_mask
 from ..s3tokenizer import S3Tokenizer
@@ -121,6 +122,7 @@ class S3Gen(nn.Module):
     # ------------------------------------------------------------------ voice
 
     @torch.inference_mode()
+    @nvtx.annotate("embed_ref", "voice")
     def embed_ref(self, wav_24k: Union[Tensor, np.ndarray], wav_16k: Optional[Tensor] = None) -> dict:
         """The reference's ``embed_ref`` for a 24 kHz clip (already cut to ``PROMPT_MAX_SECONDS``):
         ``prompt_token [1, P]``, ``prompt_token_len [1]``, ``prompt_feat [1, 2P, 80]``,
@@ -159,6 +161,7 @@ class S3Gen(nn.Module):
         return full, p_mel, full - p_mel
 
     @torch.inference_mode()
+    @nvtx.annotate("flow")
     def flow_mel(self, tokens: Tensor, token_lens: Optional[Tensor], refs: Union[Mapping, Sequence[Mapping]], *,
                  n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -192,7 +195,8 @@ class S3Gen(nn.Module):
         prompt_tok = _pad_rows([torch.atleast_2d(r["prompt_token"])[0, : _prompt_len(r)] for r in refs], dev)
         prompt_lens = torch.tensor([_prompt_len(r) for r in refs], device=dev)
         all_tok, all_lens = concat_prompt_tokens(prompt_tok, prompt_lens, tokens, token_lens.to(dev))
-        mu, mask = self.flow.encode_tokens(all_tok, all_lens, finalize=True)  # [B, 80, L], [B, 1, L]
+        with nvtx.range("flow_encoder", "flow"):
+            mu, mask = self.flow.encode_tokens(all_tok, all_lens, finalize=True)  # [B, 80, L], [B, 1, L]
         spks = torch.cat([self.flow.embed_speaker(torch.atleast_2d(r["embedding"]).to(dev, dtype)) for r in refs])
         cond = torch.zeros_like(mu)
         for b, r in enumerate(refs):
@@ -223,6 +227,7 @@ class S3Gen(nn.Module):
     # ------------------------------------------------------------------ vocoder
 
     @torch.inference_mode()
+    @nvtx.annotate("hift")
     def hift(self, mel: Tensor, lengths: Optional[Tensor] = None, *, noise_free: bool = False,
              generator: Optional[torch.Generator] = None, fade: bool = True) -> Tensor:
         """Mel ``[B, 80, T]`` -> waveform ``[B, 480 T]`` with the reference's trim-fade."""

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ...profiling import nvtx
 from .alignment import AlignmentController
 from .backbone import AttentionProbe, KVCache, Linear, build_backbone
 from .cond_enc import T3Cond, T3CondEnc
@@ -251,7 +252,8 @@ class T3(nn.Module):
             probe = AttentionProbe(heads=self._probe_heads(), row=0, n_query=P - text_end)
             step_probe = AttentionProbe(heads=probe.heads, row=0, n_query=1)
 
-        logits = self.prefill(embeds, probe, max_len=P + n_max).float()
+        with nvtx.range("t3_prefill"):
+            logits = self.prefill(embeds, probe, max_len=P + n_max).float()
 
         out = torch.full((1, n_max), eos, dtype=torch.long, device=dev)
         seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
@@ -262,38 +264,40 @@ class T3(nn.Module):
         poll = EOS_POLL_EVERY_CUDA if dev.type == "cuda" else 1
 
         n = n_max
-        for step in range(n_max):
-            if step > 0:
-                logits = self.decode_step(out[0, step - 1].expand(B), pos, speech_pos, kv_len=P + step,
-                                          probe=step_probe).float()
-                probe = step_probe
-                pos += 1
-                if speech_pos is not None:
-                    speech_pos += 1
-            if cfg.is_gpt:
-                processed = process_gpt(logits, seen, p)
-                if step == 0:  # the first draw's history is the start token, later ones the generated tokens
-                    seen.zero_()
-            else:
-                logits = cfg_combine(logits, p.cfg_weight) if use_cfg else logits
-                if align is not None:
-                    prev = out[0, step - 2:step] if step >= 2 else None
-                    logits = align.step(self._stack_probe(probe), logits, prev)
-                processed = process_llama(logits, seen, p)
-            # Turbo stops when every logit was filtered to -inf (reference), which ends the sequence like EOS.
-            dead = torch.isneginf(processed).all(dim=-1)
-            tok = sample_no_sync(torch.softmax(processed, dim=-1), generator)
-            tok = torch.where(dead, torch.full_like(tok, eos), tok)
-            if stop_on_eos:
-                tok = torch.where(done, torch.full_like(tok, eos), tok)
-            out[:, step] = tok
-            seen.scatter_(1, tok[:, None], True)
-            if stop_on_eos:
-                # Turbo/Nano check EOS from the second draw on (reference); a first EOS is skipped.
-                done |= dead if (cfg.is_gpt and step == 0) else (tok == eos)
-                if (step + 1) % poll == 0 and bool(done.all()):
-                    n = step + 1
-                    break
+        with nvtx.range("t3_decode"):
+            for step in range(n_max):
+                with nvtx.range("t3_step"):
+                    if step > 0:
+                        logits = self.decode_step(out[0, step - 1].expand(B), pos, speech_pos, kv_len=P + step,
+                                                  probe=step_probe).float()
+                        probe = step_probe
+                        pos += 1
+                        if speech_pos is not None:
+                            speech_pos += 1
+                    if cfg.is_gpt:
+                        processed = process_gpt(logits, seen, p)
+                        if step == 0:  # the first draw's history is the start token, later ones the generated tokens
+                            seen.zero_()
+                    else:
+                        logits = cfg_combine(logits, p.cfg_weight) if use_cfg else logits
+                        if align is not None:
+                            prev = out[0, step - 2:step] if step >= 2 else None
+                            logits = align.step(self._stack_probe(probe), logits, prev)
+                        processed = process_llama(logits, seen, p)
+                    # Turbo stops when every logit was filtered to -inf (reference), which ends the sequence like EOS.
+                    dead = torch.isneginf(processed).all(dim=-1)
+                    tok = sample_no_sync(torch.softmax(processed, dim=-1), generator)
+                    tok = torch.where(dead, torch.full_like(tok, eos), tok)
+                    if stop_on_eos:
+                        tok = torch.where(done, torch.full_like(tok, eos), tok)
+                    out[:, step] = tok
+                    seen.scatter_(1, tok[:, None], True)
+                    if stop_on_eos:
+                        # Turbo/Nano check EOS from the second draw on (reference); a first EOS is skipped.
+                        done |= dead if (cfg.is_gpt and step == 0) else (tok == eos)
+                        if (step + 1) % poll == 0 and bool(done.all()):
+                            n = step + 1
+                            break
 
         tokens = out[0, :n]
         if not stop_on_eos:
