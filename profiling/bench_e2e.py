@@ -312,12 +312,16 @@ def run(args, env: dict) -> dict:
                 rss_growth[st][side] = _rss_growth(fn)
                 for _ in range(args.warmup - 1):
                     fn()
+        from chatterbox_rt.profiling import nvtx
+
+        nvtx.profiler_start()  # under profiling/nsys.sh the capture covers the timed runs only
         for i in range(args.runs):
             order = ("reference", "ours") if i % 2 == 0 else ("ours", "reference")
             for st, sides in fns.items():
                 for side in order:
                     times[st][side].append(_time(sides[side]))
             print(f"  run {i + 1}/{args.runs} done (load {os.getloadavg()[0]:.2f})", flush=True)
+        nvtx.profiler_stop()
 
     stages = {}
     for st, sides in times.items():

@@ -8,8 +8,9 @@
 # --whole  capture the whole run instead of only the cudaProfilerStart/Stop window
 #          (chatterbox_rt.profiling.nvtx.profiler_start()/profiler_stop() open and close that window)
 #
-# COMMAND defaults to `python profiling/bench_e2e.py --variant chatterbox --skip-t3 --runs 1`, which does
-# not call profiler_start() yet, so the default command is captured whole.
+# COMMAND defaults to `python profiling/bench_e2e.py --variant chatterbox --skip-t3 --runs 1`. It brackets its
+# timed runs with profiler_start()/profiler_stop(), but it runs on the CPU, where there is no CUDA profiler
+# API to open the window, so the default command is captured whole.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
