@@ -340,10 +340,10 @@ def cmd_synth(args) -> int:
             pieces.append(gap)
         pieces.append(wav.reshape(-1))
     wav = torch.cat(pieces)
-    if not args.no_watermark and wav.numel():
-        from .watermark import get_watermarker
+    if not args.no_watermark:
+        from .watermark import watermark_output
 
-        wav = get_watermarker("cpu").apply(wav, tts.sr)  # once over the joined audio
+        wav = watermark_output(wav, tts.sr)  # once over the joined audio
     dt = time.perf_counter() - t0
     seconds = _write_wav(out, wav, tts.sr)
     rtf = f", RTF {dt / seconds:.2f}" if seconds else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -75,7 +76,7 @@ def normalize_loudness(wav: np.ndarray, sr: int, target_lufs: float = TURBO_TARG
     return wav
 
 
-class S3GenPipeline:
+class S3GenPipeline(ABC):
     """Shared by TTS and VC: speech tokens + S3Gen conditionals -> mel -> waveform (+ watermark)."""
 
     s3gen: S3Gen
@@ -121,18 +122,16 @@ class S3GenPipeline:
         """Device waveform ``[1, N]`` -> CPU float32 ``[1, N]``, watermarked unless asked not to."""
         with nvtx.range("to_host", "io"):
             wav = wav.detach().float().cpu()
-        if not watermark or not wav.numel():
+        if not watermark:
             return wav
-        from .watermark import get_watermarker
+        from .watermark import watermark_output
 
-        if wav.shape[-1] * 4 <= 3 * 1024 + 3:  # PerthNet needs > 1024 samples at 32 kHz (~32 ms)
-            log.warning("%d samples are too short to watermark; returned without a watermark", wav.shape[-1])
-            return wav
         with nvtx.range("watermark"):
-            return get_watermarker("cpu").apply(wav[0], self.sr).reshape(1, -1)
+            return watermark_output(wav, self.sr)
 
+    @abstractmethod
     def _voice(self, voice):
-        raise NotImplementedError
+        """The caller's voice argument (None: the built-in one) -> what ``_gen_ref`` reads."""
 
 
 class TTS(S3GenPipeline):
@@ -243,12 +242,7 @@ class TTS(S3GenPipeline):
             raise ValueError("text is empty (or only whitespace): there is nothing to say")
         if self.variant == "multilingual" and language_id is None:
             raise ValueError("the multilingual model needs language_id (e.g. 'en', 'fr')")
-        ids = self.frontend.to_tokens(text, language_id=language_id)
-        limit = self.t3.config.text_pos_len if self.t3.config.learned_pos_emb else None
-        if limit is not None and ids.numel() > limit:
-            raise ValueError(f"text is too long: {ids.numel()} tokens after normalisation, this model takes at "
-                             f"most {limit}; split it into sentences and synthesise them one by one")
-        return ids.to(self.device)
+        return self.frontend.to_tokens(text, language_id=language_id).to(self.device)
 
     def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: int = 1000,
                   language_id: Optional[str] = None, seed: Optional[int] = None,

@@ -10,6 +10,7 @@ voice saved here loads in the reference.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,7 +51,7 @@ class Voice:
     def with_exaggeration(self, exaggeration: float) -> "Voice":
         """A copy with another emotion exaggeration (tensors shared, not copied)."""
         exaggeration = float(exaggeration)
-        if not (exaggeration == exaggeration) or abs(exaggeration) == float("inf"):
+        if not math.isfinite(exaggeration):
             raise ValueError(f"exaggeration must be a finite number, got {exaggeration}")
         if exaggeration == self.exaggeration:
             return self

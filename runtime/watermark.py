@@ -33,6 +33,7 @@ in the reference.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 PERTH_PACKAGE = "perth"
 PERTH_DISTRIBUTION = "resemble-perth"
@@ -425,6 +428,11 @@ class Watermarker:
         out = resample_hq(out.cpu().numpy(), self.sample_rate, sample_rate)
         return restore(out)
 
+    def can_apply(self, n_samples: int, sample_rate: int) -> bool:
+        """Whether ``n_samples`` at ``sample_rate`` are enough to watermark: PerthNet's STFT needs more
+        than ``n_fft / 2`` samples at its own rate (~32 ms)."""
+        return math.ceil(n_samples * self.sample_rate / sample_rate) > self.net.cfg.n_fft // 2
+
     def detect(self, wav: AudioLike, sample_rate: int) -> float:
         """Watermark confidence in [0, 1]: ~1 for watermarked audio, ~0 for clean audio.
 
@@ -470,3 +478,13 @@ def _cached(device: str) -> Watermarker:
 def get_watermarker(device: Union[str, torch.device] = "cpu") -> Watermarker:
     """A process-wide Watermarker per device (loaded on first use)."""
     return _cached(str(torch.device(device)))
+
+
+def watermark_output(wav: Tensor, sample_rate: int) -> Tensor:
+    """Watermark a synthesised waveform ``[N]`` or ``[1, N]``, as the runtime does for every output.
+    Audio too short to carry the watermark (under ~32 ms) is returned unchanged with a warning."""
+    wm = get_watermarker("cpu")
+    if not wm.can_apply(wav.shape[-1], sample_rate):
+        log.warning("%d samples are too short to watermark; returned without a watermark", wav.shape[-1])
+        return wav
+    return wm.apply(wav, sample_rate)

@@ -183,3 +183,15 @@ def test_rejects_too_short(wm):
 def test_get_watermarker_is_cached(wm):
     assert watermark.get_watermarker("cpu") is wm
     assert watermark.get_watermarker(torch.device("cpu")) is wm
+
+
+def test_output_too_short_to_watermark_is_returned_unchanged(wm, caplog):
+    """PerthNet needs more than n_fft/2 = 1024 samples at 32 kHz: 768 at 24 kHz is the last too-short length."""
+    assert not wm.can_apply(768, 24000) and wm.can_apply(769, 24000) and not wm.can_apply(0, 24000)
+    short = torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.1
+    with caplog.at_level("WARNING"):
+        assert watermark.watermark_output(short, 24000) is short
+    assert "too short to watermark" in caplog.text
+    longer = torch.randn(1, 769, generator=torch.Generator().manual_seed(0)) * 0.1
+    out = watermark.watermark_output(longer, 24000)  # the shortest that works goes through PerthNet
+    assert out.shape[0] == 1 and not torch.equal(out[..., : out.shape[-1]], longer[..., : out.shape[-1]])

@@ -134,8 +134,7 @@ class S3Gen(nn.Module):
         from ..resample import sinc_resample
         from .mel import mel_spectrogram
 
-        wav = torch.as_tensor(np.asarray(wav_24k) if isinstance(wav_24k, np.ndarray) else wav_24k)
-        wav = torch.atleast_2d(wav.to(device=self.device, dtype=torch.float32))
+        wav = torch.atleast_2d(torch.as_tensor(wav_24k).to(device=self.device, dtype=torch.float32))
         if wav.size(0) != 1:
             raise ValueError(f"embed_ref takes one clip, got a batch of {wav.size(0)}")
         feat = mel_spectrogram(wav).transpose(1, 2)  # [1, F, 80]

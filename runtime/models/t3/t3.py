@@ -202,7 +202,8 @@ class T3(nn.Module):
                 raise ValueError(f"text_tokens must contain the start ({cfg.start_text_token}) and stop "
                                  f"({cfg.stop_text_token}) text tokens, as the text front end adds them")
             if len(ids) > cfg.text_pos_len:
-                raise ValueError(f"text is too long: {len(ids)} tokens, this model takes at most {cfg.text_pos_len}")
+                raise ValueError(f"text is too long: {len(ids)} tokens, this model takes at most {cfg.text_pos_len}; "
+                                 "split it into sentences and synthesise them one by one")
         return text_tokens
 
     @torch.inference_mode()
