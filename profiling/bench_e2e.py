@@ -35,18 +35,18 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
-import threading
 import time
 import types
 from pathlib import Path
 
 import torch
 
+from chatterbox_rt.profiling.bench import cpu_model, peak_rss_mb, rss_growth_mb, rss_mb
+from chatterbox_rt.profiling.upstream import build_voice_encoders, ref_tts_class
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "profiling"))
 
 VARIANTS = ("chatterbox", "multilingual", "turbo", "nano")
@@ -65,78 +65,7 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _rss_mb() -> float:
-    """Current resident set size (VmRSS) in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _rss_growth(fn) -> float:
-    """Run fn once; the peak VmRSS above the value before the call (MiB), sampled every 2 ms."""
-    gc.collect()
-    base = _rss_mb()
-    peak, done = [base], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        th.join()
-    return max(0.0, max(peak[0], _rss_mb()) - base)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ------------------------------------------------------------------------------ the two sides
-
-def _ref_tts_class(variant: str):
-    if variant == "multilingual":
-        from chatterbox.mtl_tts import ChatterboxMultilingualTTS as cls
-    elif variant in ("turbo", "nano"):
-        from chatterbox.tts_turbo import ChatterboxTurboTTS as cls
-    else:
-        from chatterbox.tts import ChatterboxTTS as cls
-    return cls
-
-
-def build_voice_encoders(seed: int = 0):
-    """Reference VoiceEncoder with seeded random weights (as the parity test) and ours loaded from it."""
-    from chatterbox.models.voice_encoder.voice_encoder import (
-        VoiceEncoder as RefVoiceEncoder,
-    )
-    from chatterbox_rt.models.voice_encoder import VoiceEncoder
-
-    torch.manual_seed(seed)
-    ref_ve = RefVoiceEncoder().eval()
-    with torch.no_grad():
-        for p in ref_ve.parameters():
-            p.uniform_(-0.15, 0.15)
-    ours = VoiceEncoder().eval()
-    ours.load_state_dict(ref_ve.state_dict(), strict=True)
-    return ref_ve, ours
-
 
 def build_tts_pair(ref, variant: str, ref_s3gen, ours_s3gen, ref_ve, ours_ve):
     """The reference's TTS object and ours around the given S3Gen / voice-encoder pair.
@@ -148,7 +77,7 @@ def build_tts_pair(ref, variant: str, ref_s3gen, ours_s3gen, ref_ve, ours_ve):
 
     plen = T3Config.for_variant(variant).speech_cond_prompt_len
     ref_t3 = types.SimpleNamespace(hp=types.SimpleNamespace(speech_cond_prompt_len=plen))
-    ref_tts = _ref_tts_class(variant)(ref_t3, ref_s3gen, ref_ve, None, "cpu")
+    ref_tts = ref_tts_class(variant)(ref_t3, ref_s3gen, ref_ve, None, "cpu")
     if hasattr(ref_tts, "norm_loudness"):
         # NOTE: under NumPy 2 the reference's float32 clip times a float64 gain becomes float64,
         # which its S3 tokenizer rejects (Double vs Float); NumPy 1 kept float32. Cast back, as
@@ -263,8 +192,7 @@ def profile_calls(fns, ref_tts, ours_tts, rows: int) -> dict:
 def run(args, env: dict) -> dict:
     import logging
 
-    from _reference import load_reference
-    from _s3gen_pairs import build_s3gen_pair
+    from chatterbox_rt.profiling.upstream import build_s3gen_pair, load_reference
 
     logging.getLogger("chatterbox").setLevel(logging.ERROR)
     logging.getLogger("root").setLevel(logging.ERROR)
@@ -286,11 +214,11 @@ def run(args, env: dict) -> dict:
         result["t3"] = bench_variant(ref, variant, args.t3_tokens, args.runs, False, args.text_tokens)
         gc.collect()
 
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     ref_s3gen, ours_s3gen = build_s3gen_pair(ref, meanflow=MEANFLOW[variant], seed=0)
-    ref_ve, ours_ve = build_voice_encoders(seed=0)
+    ref_ve, ours_ve = build_voice_encoders(ref, seed=0)
     ref_tts, ours_tts = build_tts_pair(ref, variant, ref_s3gen, ours_s3gen, ref_ve, ours_ve)
-    result["models_rss_mb"] = _rss_mb() - rss0  # both sides' S3Gen + voice encoder
+    result["models_rss_mb"] = rss_mb() - rss0  # both sides' S3Gen + voice encoder
 
     from chatterbox_rt.audio import load_audio
 
@@ -309,7 +237,7 @@ def run(args, env: dict) -> dict:
     with torch.inference_mode():
         for st, sides in fns.items():  # warm-up; the first pass also measures memory growth
             for side, fn in sides.items():
-                rss_growth[st][side] = _rss_growth(fn)
+                rss_growth[st][side] = rss_growth_mb(fn)
                 for _ in range(args.warmup - 1):
                     fn()
         from chatterbox_rt.profiling import nvtx
@@ -341,7 +269,7 @@ def run(args, env: dict) -> dict:
     for st in stages.values():
         st["speedup"] = st["reference"]["ms"] / st["ours"]["ms"]
     result["stages"] = stages
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
 
     env["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print_report(result, env, args)
@@ -401,7 +329,7 @@ def main(argv=None) -> int:
     if args.t3_tokens < 2 or args.tokens < 1 or args.warmup < 1:
         p.error("--t3-tokens must be >= 2, --tokens and --warmup >= 1")
     torch.set_num_threads(args.threads)
-    env = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu", "dtype": "fp32",
            "date": time.strftime("%Y-%m-%d"), "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     r = run(args, env)

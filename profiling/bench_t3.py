@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 VARIANTS = ("chatterbox", "multilingual", "turbo", "nano")
 
@@ -48,7 +46,7 @@ def _time(fn) -> float:
 
 
 def bench_variant(ref, variant: str, tokens: int, runs: int, reduced: bool, text_len: int) -> dict:
-    from _t3_pairs import build_pair, cond_tensors, our_cond, ref_cond, text_tokens
+    from chatterbox_rt.profiling.upstream import build_t3_pair as build_pair, cond_tensors, our_cond, ref_cond, text_tokens
 
     ref_model, ours = build_pair(ref, variant, reduced=reduced, seed=0)
     tensors = cond_tensors(ours.config, seed=0)
@@ -70,7 +68,7 @@ def bench_variant(ref, variant: str, tokens: int, runs: int, reduced: bool, text
     result = {"variant": variant, "tokens": tokens, "text_tokens": len(text)}
     for side, t in times.items():
         first = statistics.median(t["first"])
-        decode = statistics.median([(a - f) / (tokens - 1) for a, f in zip(t["all"], t["first"])])
+        decode = statistics.median([(a - f) / (tokens - 1) for a, f in zip(t["all"], t["first"], strict=True)])
         result[side] = {"first_token_ms": 1000 * first, "decode_ms_per_token": 1000 * decode,
                         "decode_tokens_per_s": 1.0 / decode}
     result["decode_speedup"] = result["reference"]["decode_ms_per_token"] / result["ours"]["decode_ms_per_token"]
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
 
     import logging
 
-    from _reference import load_reference
+    from chatterbox_rt.profiling.upstream import load_reference
 
     logging.getLogger("chatterbox").setLevel(logging.ERROR)
     ref = load_reference()

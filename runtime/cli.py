@@ -5,6 +5,7 @@
   (:func:`split_text`), each is synthesised, and they are joined with a short silence.
 * ``vc SOURCE -o out.wav --target clip.wav``: voice conversion.
 * ``voices add|list|remove``: the persistent voice library (``chatterbox_rt.voices``).
+* ``bench``: per-stage speed, optionally against the reference (``chatterbox_rt.profiling.bench``).
 
 Models come from ``--ckpt DIR`` (the official file names) or ``--dummy-weights`` (seeded random
 weights at the real shapes: the speed is real, the audio is noise). A user error prints one line
@@ -519,7 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name", metavar="NAME")
     _library_option(rm)
     rm.set_defaults(func=cmd_voices_remove)
+
+    from .profiling.bench import add_arguments
+
+    b = sub.add_parser("bench", help="per-stage speed, optionally against the reference (--compare-upstream)",
+                       description="Times voice preparation, T3 prefill and decode, CFM, HiFT and the watermark "
+                                   "for a fixed number of speech tokens, with medians, p90, RTF, peak memory and "
+                                   "the environment; --compare-upstream runs chatterbox-tts 0.1.7 with identical "
+                                   "weights and inputs in the same process and reports reference/ours ratios.")
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_bench(args) -> int:
+    from .profiling import bench
+
+    return bench.main(args)
 
 
 def main(argv=None) -> int:

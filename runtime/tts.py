@@ -247,11 +247,13 @@ class TTS(S3GenPipeline):
     def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: int = 1000,
                   language_id: Optional[str] = None, seed: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, exaggeration: Optional[float] = None,
-                  **sampling) -> Tensor:
+                  stop_on_eos: bool = True, **sampling) -> Tensor:
         """``generate``'s text path and T3 -> valid speech tokens (1-D LongTensor, ids < 6561).
 
         Sampling arguments (``temperature``, ``top_p``, ``min_p``, ``top_k``,
-        ``repetition_penalty``, ``cfg_weight``) default to the reference's for the variant."""
+        ``repetition_penalty``, ``cfg_weight``) default to the reference's for the variant.
+        ``stop_on_eos=False`` always draws ``max_new_tokens`` tokens (benchmarks: a fixed amount of
+        work whatever random weights emit)."""
         unknown = sorted(set(sampling) - set(SAMPLING_ARGS))
         if unknown:
             raise TypeError(f"unknown sampling argument(s) {unknown}; expected some of {list(SAMPLING_ARGS)}")
@@ -262,21 +264,24 @@ class TTS(S3GenPipeline):
         if generator is None:
             generator = make_generator(seed, self.device)
         with self._lock, nvtx.range("t3"):
-            tokens = self.t3.generate(v.t3, ids, max_new_tokens=max_new_tokens, generator=generator, **sampling)
+            tokens = self.t3.generate(v.t3, ids, max_new_tokens=max_new_tokens, generator=generator,
+                                      stop_on_eos=stop_on_eos, **sampling)
         return tokens[tokens < SPEECH_CODEBOOK_SIZE]
 
     # ------------------------------------------------------------------ all of it
 
     def generate(self, text: str, voice: Optional[Voice] = None, *, seed: Optional[int] = None,
                  language_id: Optional[str] = None, watermark: bool = True, exaggeration: Optional[float] = None,
-                 max_new_tokens: int = 1000, n_steps: Optional[int] = None, **sampling) -> Tensor:
+                 max_new_tokens: int = 1000, n_steps: Optional[int] = None, stop_on_eos: bool = True,
+                 **sampling) -> Tensor:
         """Text -> 24 kHz waveform ``[1, N]`` (CPU float32), watermarked unless ``watermark=False``.
 
         ``seed`` makes the call reproducible (T3 sampling, CFM noise and HiFT's source noise all
         draw from one generator). ``exaggeration`` overrides the voice's (Llama variants)."""
         generator = make_generator(seed, self.device)
         tokens = self.t3_tokens(text, voice, max_new_tokens=max_new_tokens, language_id=language_id,
-                                generator=generator, exaggeration=exaggeration, **sampling)
+                                generator=generator, exaggeration=exaggeration, stop_on_eos=stop_on_eos,
+                                **sampling)
         if self.variant in ("turbo", "nano"):  # the reference appends three silence tokens
             tokens = torch.cat([tokens, tokens.new_full((3,), S3GEN_SIL)])
         if tokens.numel() == 0:

@@ -1,11 +1,8 @@
-"""A reference S3Gen (``S3Token2Wav``) with seeded random weights, and ours loaded from its state dict.
+"""S3Gen parity helpers: the reference/ours pair builders (``chatterbox_rt.profiling.upstream``,
+shared with ``chatterbox-rt bench --compare-upstream``), zeroed reference noise, and relative-error checks.
 
-Weights are re-randomised at magnitudes a trained model has (so nothing saturates and the
-comparison means something): the flow like tests/parity/test_s3gen_cfm_parity.py, the vocoder like
-tests/parity/test_hift_parity.py (F0 on both sides of the voiced threshold, waveform inside the
-clamp). The tokenizer and the x-vector keep torch's default initialisation (already random).
-Our model loads the reference's state dict as a checkpoint: weight norm in the
-``parametrizations`` style and the tokenizer's recomputed buffers included.
+Our model loads the reference's state dict as a checkpoint: weight norm in the ``parametrizations``
+style and the tokenizer's recomputed buffers included.
 """
 from __future__ import annotations
 
@@ -13,59 +10,14 @@ from pathlib import Path
 
 import torch
 
-from chatterbox_rt.models.s3gen import S3Gen
+from chatterbox_rt.profiling.upstream import (  # noqa: F401
+    build_reference_s3gen,
+    build_s3gen_pair,
+    rerandomise_flow_,
+    rerandomise_hift_,
+)
 
 DATA = Path(__file__).parent / "data"
-
-
-def rerandomise_flow_(flow, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in flow.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return flow
-
-
-def rerandomise_hift_(model, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("original0"):
-                p.copy_(torch.empty(p.shape).uniform_(0.6, 1.0, generator=g))
-            elif name.endswith("original1"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif name.endswith("alpha"):
-                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-        model.f0_predictor.classifier.weight.mul_(400.0)
-        model.conv_post.bias[:9] -= 2.0
-    return model
-
-
-def build_reference_s3gen(ref, meanflow: bool = False, seed: int = 0):
-    from chatterbox.models.s3gen import S3Gen as RefS3Gen
-
-    torch.manual_seed(seed)
-    model = RefS3Gen(meanflow=meanflow).eval()
-    rerandomise_flow_(model.flow, seed + 1)
-    rerandomise_hift_(model.mel2wav, seed + 2)
-    return model
-
-
-def build_s3gen_pair(ref, meanflow: bool = False, seed: int = 0):
-    """-> (reference S3Token2Wav, our S3Gen), fp32 eval on CPU with the same weights."""
-    ref_model = build_reference_s3gen(ref, meanflow, seed)
-    ours = S3Gen(meanflow).eval()
-    ours.load_checkpoint(ref_model.state_dict(), f"reference S3Gen (meanflow={meanflow})")
-    return ref_model, ours
 
 
 def zero_noise(monkeypatch):

@@ -5,6 +5,21 @@ import pytest
 # Keep CPU tests deterministic and within the CI machine's two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _triton_interpreter_without_gpu():
+    """Triton kernels run on CPU tensors under its interpreter. The switch is read when a
+    ``@triton.jit`` function is defined, so it must be set before any kernel module is imported."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:
+        pass
+
+
+_triton_interpreter_without_gpu()
+
 from _reference import load_reference, reference_available  # noqa: E402
 
 

@@ -1,0 +1,767 @@
+"""``chatterbox-rt bench``: per-stage speed of chatterbox-rt, optionally against the reference
+implementation with identical weights and inputs in the same process.
+
+    chatterbox-rt bench --dummy-weights --device cpu --compare-upstream --json out.json
+
+What one request is, and how each figure is measured (medians and p90 over ``--runs``):
+
+* ``voice_ms``: voice preparation from a reference clip (``prepare_conditionals``), once per
+  voice and therefore not part of the RTF. The clip is ``--voice`` or a synthetic 6.5 s voiced
+  signal written to a temporary WAV (both sides read the same file).
+* ``t3_prefill_ms``: T3 asked for 1 token (the prefill and the first draw).
+  ``t3_ms``: T3 asked for ``--tokens`` N tokens with EOS disabled on both sides, so random weights
+  cannot stop early and both sides do the same work. ``t3_ms_per_token`` =
+  (t3_ms - t3_prefill_ms) / (N - 1) and ``t3_tokens_per_s`` its inverse, i.e. the decode rate.
+* ``cfm_ms``: N fixed, valid speech tokens -> mel (token embedding, conformer encoder and the CFM
+  solver: 10 Euler steps with CFG, or 2 meanflow steps); ``hift_ms``: that mel -> waveform
+  (HiFT with the trim-fade); ``watermark_ms``: the waveform to the host and Perth's watermark.
+* ``first_audio_ms`` = t3_ms + cfm_ms + hift_ms + watermark_ms: without streaming the first
+  sample arrives with the whole request. ``rtf`` = first_audio_ms / audio length (N / 25 s);
+  ``s3gen_rtf`` = (cfm_ms + hift_ms) / audio length.
+* ``peak_mem_mb``: on CUDA the peak allocated GPU memory of the side's pass (weights included);
+  on CPU the side's weights plus the largest resident-set growth of any of its stages
+  (``peak_host_rss_mb`` is the whole process's peak RSS, both sides loaded).
+
+With ``--compare-upstream`` the reference (chatterbox-tts 0.1.7, fp32, as it ships) runs the same
+stages on the same device with the same weights (dummy weights: built as the reference's loaders
+build its modules, re-randomised from the seed, and loaded into ours; ``--ckpt``: both sides load
+the directory) and the same inputs; each run alternates which side goes first. ``speedup`` holds
+reference / ours per time (ours / reference for tokens/s): > 1 means chatterbox-rt is faster.
+
+``--concurrency 1,4,16`` sends that many full requests at once through ``TTS.generate`` (with
+EOS disabled, so each draws N tokens; tokens >= 6561 are dropped as usual) from threads and
+reports the aggregate x real time (audio seconds produced per wall second). The runtime does not
+batch concurrent requests yet: T3 requests take turns on the model's one KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+SCHEMA_PATH = Path(__file__).with_name("bench_schema.json")
+TOKENS_PER_SECOND = 25  # S3 speech tokens: 25 per second of audio
+SPEECH_CODEBOOK = 6561
+CLIP_SR, CLIP_SECONDS = 24000, 6.5
+DEFAULT_TEXT = ("Chatterbox-rt turns text into speech on this machine, and this sentence is long enough "
+                "to give the text encoder realistic work.")
+# Stages in execution order: name -> what it does.
+STAGES = {
+    "voice": "voice preparation (once per voice)",
+    "t3_prefill": "T3 prefill + first token",
+    "t3": "T3, all tokens",
+    "cfm": "CFM (encoder + solver)",
+    "hift": "HiFT vocoder",
+    "watermark": "to host + watermark",
+}
+TIME_KEYS = ("voice_ms", "t3_prefill_ms", "t3_ms", "t3_ms_per_token", "cfm_ms", "hift_ms", "watermark_ms",
+             "first_audio_ms")
+LOWER_IS_BETTER = TIME_KEYS + ("rtf", "s3gen_rtf", "peak_mem_mb")
+HIGHER_IS_BETTER = ("t3_tokens_per_s",)
+
+
+# ------------------------------------------------------------------------------ measurement helpers
+
+def rss_mb() -> float:
+    """Current resident set size (VmRSS) in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def rss_growth_mb(fn: Callable) -> float:
+    """Run fn once; the peak VmRSS above the value before the call (MiB), sampled every 2 ms."""
+    gc.collect()
+    base = rss_mb()
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return max(0.0, max(peak[0], rss_mb()) - base)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def p90(xs: list) -> float:
+    """The 90th percentile (linear interpolation; the maximum for fewer than 10 samples)."""
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), 90))
+
+
+def module_mb(*modules) -> float:
+    seen, total = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_driver() -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def environment(device: torch.device, dtype_name: str) -> dict:
+    from .. import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "chatterbox_rt": __version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "device": str(device),
+        "precision": dtype_name,
+        "backend": "torch eager",
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "gpu_name": None, "gpu_sm_count": None, "gpu_memory_gb": None, "gpu_capability": None, "driver": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_name=props.name, gpu_sm_count=props.multi_processor_count,
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1), gpu_capability=f"{props.major}.{props.minor}",
+                   driver=_nvidia_driver())
+    return env
+
+
+def synthetic_clip(path: Path, seconds: float = CLIP_SECONDS, sr: int = CLIP_SR) -> Path:
+    """A deterministic voiced signal (gliding 90-180 Hz harmonics under a syllable-rate envelope,
+    a little noise) as a stand-in reference clip: voice preparation costs the same on any audio."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 130 + 45 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    wav = sum(np.sin(k * phase) / k for k in range(1, 12))
+    wav *= 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    wav += 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    wav = (0.3 * wav / np.abs(wav).max()).astype(np.float32)
+    sf.write(str(path), wav, sr, subtype="FLOAT")
+    return path
+
+
+# ------------------------------------------------------------------------------ the two sides
+
+class Side:
+    """One implementation's stages as callables; each returns what the next stage needs."""
+
+    def __init__(self, name: str, device: torch.device, modules: tuple):
+        self.name, self.device, self.modules = name, device, modules
+        self.fns: dict[str, Callable] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, stage: str) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        self.fns[stage]()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def _speech_tokens(n: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SPEECH_CODEBOOK, (1, n), generator=g).to(device)
+
+
+def our_side(tts, clip: Path, text_ids: Callable[[int], torch.Tensor], n_tokens: int, seed: int,
+             watermark: bool) -> Side:
+    side = Side("ours", tts.device, (tts.t3, tts.s3gen, tts.ve))
+    voice = tts.prepare_conditionals(clip)
+    tokens = _speech_tokens(n_tokens, seed, tts.device)
+    state = {"run": 0}
+
+    def t3(n):
+        g = torch.Generator(device=tts.device).manual_seed(seed)
+        with tts._lock:  # the TTS's own rule: one request at a time on T3's KV cache
+            return tts.t3.generate(voice.t3, text_ids(state["run"]), max_new_tokens=n, stop_on_eos=False,
+                                   generator=g)
+
+    def cfm():
+        g = torch.Generator(device=tts.device).manual_seed(seed)
+        state["mel"] = tts.s3gen.flow_mel(tokens, None, voice.gen, generator=g)[0]
+
+    def hift():
+        g = torch.Generator(device=tts.device).manual_seed(seed)
+        state["wav"] = tts.s3gen.hift(state["mel"], generator=g)
+
+    side.fns = {
+        "voice": lambda: tts.prepare_conditionals(clip),
+        "t3_prefill": lambda: t3(1),
+        "t3": lambda: t3(n_tokens),
+        "cfm": cfm,
+        "hift": hift,
+        "watermark": lambda: tts._finish(state["wav"], watermark),
+    }
+    side.state, side.voice = state, voice
+    return side
+
+
+def reference_side(ref_tts, clip: Path, text_ids: Callable[[int], torch.Tensor], n_tokens: int, seed: int,
+                   watermark: bool, variant: str, device: torch.device) -> Side:
+    import chatterbox.models.s3gen.flow_matching as ref_fm
+    import chatterbox.models.t3.t3 as ref_t3_mod
+    from chatterbox.models.s3gen.s3gen import S3GEN_SR
+
+    # The reference's progress bars (and meanflow's print per call) would interleave with the report.
+    ref_t3_mod.tqdm = ref_fm.tqdm = lambda it, *a, **k: it
+    ref_fm.print = lambda *a, **k: None
+    t3 = ref_tts.t3
+    t3.hp.stop_speech_token = -1  # never matches a drawn token: EOS disabled, fixed work
+    side = Side("reference", device, (ref_tts.t3, ref_tts.s3gen, ref_tts.ve))
+    ref_tts.prepare_conditionals(str(clip))
+    tokens = _speech_tokens(n_tokens, seed, device)
+    state = {"run": 0}
+
+    def run_t3(n):
+        torch.manual_seed(seed)
+        text = text_ids(state["run"]).to(device)
+        cond = ref_tts.conds.t3
+        if variant in ("turbo", "nano"):
+            return t3.inference_turbo(cond, text[None], max_gen_len=n - 1)
+        return t3.inference(t3_cond=cond, text_tokens=torch.stack([text, text]), max_new_tokens=n, cfg_weight=0.5)
+
+    def cfm():
+        torch.manual_seed(seed)
+        state["mel"] = ref_tts.s3gen.flow_inference(tokens, ref_dict=dict(ref_tts.conds.gen), finalize=True)
+
+    def hift():
+        s3 = ref_tts.s3gen
+        wav, _ = s3.hift_inference(state["mel"])
+        wav[:, : len(s3.trim_fade)] *= s3.trim_fade
+        state["wav"] = wav
+
+    def finish():
+        wav = state["wav"].squeeze(0).detach().cpu().numpy()
+        if watermark:
+            wav = ref_tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
+        return wav
+
+    side.fns = {
+        "voice": lambda: ref_tts.prepare_conditionals(str(clip)),
+        "t3_prefill": lambda: run_t3(1),
+        "t3": lambda: run_t3(n_tokens),
+        "cfm": cfm,
+        "hift": hift,
+        "watermark": finish,
+    }
+    side.state = state
+    return side
+
+
+def _reduced_overrides(variant: str) -> dict:
+    import dataclasses
+
+    from ..models.t3 import T3Config
+    from .upstream import REDUCED
+
+    cfg = T3Config.for_variant(variant)
+    r = REDUCED[variant]
+    return dict(backbone=dataclasses.replace(cfg.backbone, **r),
+                alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < r["num_layers"]))
+
+
+def build_models(args, device: torch.device, dtype: torch.dtype):
+    """-> (our TTS, the reference's TTS object or None)."""
+    from ..tts import TTS
+
+    if not args.compare_upstream:
+        if args.ckpt:
+            return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype), None
+        overrides = _reduced_overrides(args.variant) if args.reduced_t3 else {}
+        return TTS.from_dummy(args.variant, seed=args.seed, device=device, dtype=dtype, **overrides), None
+
+    from .upstream import (build_s3gen_pair, build_t3_pair, build_voice_encoders, load_reference, ref_tts_class)
+
+    ref = load_reference()
+    import logging
+
+    for name in ("chatterbox", "root", ""):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cls = ref_tts_class(args.variant)
+    if args.ckpt:
+        ours = TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype)
+        return ours, cls.from_local(args.ckpt, str(device))
+
+    from ..text import dummy_text_frontend
+    from ..tts import dummy_voice
+
+    ref_t3, t3 = build_t3_pair(ref, args.variant, reduced=args.reduced_t3, seed=args.seed)
+    ref_s3gen, s3gen = build_s3gen_pair(ref, meanflow=args.variant in ("turbo", "nano"), seed=args.seed + 1)
+    ref_ve, ve = build_voice_encoders(ref, seed=args.seed + 2)
+    ref_tts = cls(ref_t3.to(device), ref_s3gen.to(device), ref_ve.to(device), None, str(device))
+    if hasattr(ref_tts, "norm_loudness"):
+        # NOTE: under NumPy 2 the reference's float32 clip times a float64 gain becomes float64, which
+        # its S3 tokenizer rejects; NumPy 1 (its pin) kept float32. Cast back, as it behaves there.
+        norm = ref_tts.norm_loudness
+        ref_tts.norm_loudness = lambda wav, sr, *a, **k: norm(wav, sr, *a, **k).astype("float32")
+    t3 = t3.to(device=device, dtype=dtype)
+    s3gen = s3gen.to_precision(device, dtype)
+    voice = dummy_voice(t3.config.speech_cond_prompt_len, seed=args.seed + 3)
+    ours = TTS(args.variant, t3, s3gen, ve.to(device), dummy_text_frontend(args.variant), voice,
+               source=f"the reference's random weights (seed {args.seed})")
+    return ours, ref_tts
+
+
+# ------------------------------------------------------------------------------ running
+
+def _summary(times: dict, n_tokens: int, audio_s: float, peak_mem_mb: float, extra: dict) -> dict:
+    """Stage run times (s) -> the JSON block of one side: medians, p90 and every run."""
+    runs = {f"{st}_ms": [1000.0 * t for t in ts] for st, ts in times.items()}
+    per_run = {k: list(v) for k, v in runs.items()}
+    if "t3_ms" in runs:
+        per_run["t3_ms_per_token"] = [(a - b) / max(n_tokens - 1, 1)
+                                      for a, b in zip(runs["t3_ms"], runs["t3_prefill_ms"], strict=True)]
+    parts = [k for k in ("t3_ms", "cfm_ms", "hift_ms", "watermark_ms") if k in runs]
+    per_run["first_audio_ms"] = [sum(vals) for vals in zip(*(runs[k] for k in parts), strict=True)]
+    per_run["rtf"] = [x / 1000.0 / audio_s for x in per_run["first_audio_ms"]]
+    per_run["s3gen_rtf"] = [(a + b) / 1000.0 / audio_s for a, b in zip(runs["cfm_ms"], runs["hift_ms"], strict=True)]
+    out = {k: statistics.median(v) for k, v in per_run.items()}
+    q90 = {k: p90(v) for k, v in per_run.items()}
+    if "t3_ms_per_token" in out:
+        # The decode rate of the median step time (and of the p90 one: the slow end). A step time at
+        # or below zero can only come from timer noise with very few tokens: no rate then.
+        def rate(ms):
+            return 1000.0 / ms if ms > 0 else None
+
+        out["t3_tokens_per_s"], q90["t3_tokens_per_s"] = rate(out["t3_ms_per_token"]), rate(q90["t3_ms_per_token"])
+    out["peak_mem_mb"] = peak_mem_mb
+    out.update(extra)
+    out["p90"] = q90
+    out["runs"] = per_run
+    return out
+
+
+def _speedup(ours: dict, ref: dict) -> dict:
+    out = {}
+    for k in LOWER_IS_BETTER:
+        if ours.get(k) is not None and ref.get(k) is not None and ours[k] > 0:
+            out[k] = ref[k] / ours[k]
+    for k in HIGHER_IS_BETTER:
+        if ours.get(k) is not None and ref.get(k) is not None and ref[k] > 0:
+            out[k] = ours[k] / ref[k]
+    return out
+
+
+def _warm_and_measure(side: Side, stages: list) -> tuple[float, dict]:
+    """One untimed pass over the stages (warm-up) that also measures memory: -> (peak_mem_mb, extra)."""
+    gc.collect()
+    if side.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(side.device)
+        for st in stages:
+            side.fns[st]()
+        side.sync()
+        peak = torch.cuda.max_memory_allocated(side.device) / 2**20
+        return peak, {"peak_gpu_mem_mb": peak}
+    growth = {st: rss_growth_mb(side.fns[st]) for st in stages}
+    weights = module_mb(*side.modules)
+    return weights + max(growth.values()), {"weights_mb": weights, "rss_growth_mb": growth}
+
+
+def run_stages(sides: list, stages: list, runs: int, warmup: int, set_run: Callable[[int], None]) -> dict:
+    """Warm up, then time every stage of every side ``runs`` times, alternating which side goes first."""
+    mem = {}
+    for side in sides:
+        mem[side.name] = _warm_and_measure(side, stages)
+        for _ in range(warmup - 1):
+            for st in stages:
+                side.fns[st]()
+    times = {side.name: {st: [] for st in stages} for side in sides}
+    from . import nvtx
+
+    nvtx.profiler_start()  # under profiling/nsys.sh the capture covers the timed runs only
+    try:
+        for i in range(runs):
+            set_run(i)
+            order = sides if i % 2 == 0 else sides[::-1]
+            for st in stages:
+                for side in order:
+                    with nvtx.range(f"bench_{st}", st if st in nvtx.STAGE_COLORS else None):
+                        times[side.name][st].append(side.timed(st))
+            print(f"  run {i + 1}/{runs} done (load average {os.getloadavg()[0]:.2f})", flush=True)
+    finally:
+        nvtx.profiler_stop()
+    return {"times": times, "mem": mem}
+
+
+def run_concurrency(tts, voice, text_for: Callable[[int], str], levels: list, n_tokens: int, seed: int,
+                    watermark: bool, language_id: Optional[str]) -> list:
+    """``c`` whole requests at once through ``TTS.generate`` per level -> [{concurrency, ...}]."""
+    def request(i: int):
+        t0 = time.perf_counter()
+        wav = tts.generate(text_for(i), voice, seed=seed + i, max_new_tokens=n_tokens, stop_on_eos=False,
+                           watermark=watermark, language_id=language_id)
+        return time.perf_counter() - t0, wav.shape[-1] / tts.sr
+
+    request(0)  # warm
+    out = []
+    for c in levels:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=c) as pool:
+            results = list(pool.map(request, range(c)))
+        wall = time.perf_counter() - t0
+        lat = [1000.0 * r[0] for r in results]
+        audio = sum(r[1] for r in results)
+        out.append({"concurrency": c, "requests": c, "wall_s": wall, "audio_s": audio,
+                    "aggregate_x_realtime": audio / max(wall, 1e-9),
+                    "latency_ms_median": statistics.median(lat), "latency_ms_p90": p90(lat),
+                    "rtf_median": statistics.median(r[0] / r[1] for r in results if r[1] > 0)
+                    if any(r[1] > 0 for r in results) else None})
+        print(f"  concurrency {c}: {out[-1]['aggregate_x_realtime']:.2f}x real time, median latency "
+              f"{out[-1]['latency_ms_median']:.0f} ms", flush=True)
+    return out
+
+
+def profile_request(side: Side, stages: list, path: Path) -> None:
+    """A torch.profiler Chrome trace of one pass over our stages (each a record_function range)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=False) as prof:
+        for st in stages:
+            with record_function(f"chatterbox_rt.{st}"):
+                side.fns[st]()
+        side.sync()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+
+
+# ------------------------------------------------------------------------------ report
+
+ROWS = (
+    ("voice preparation", "voice_ms", "ms"),
+    ("T3 prefill + 1st token", "t3_prefill_ms", "ms"),
+    ("T3 decode", "t3_ms_per_token", "ms/tok"),
+    ("T3 decode rate", "t3_tokens_per_s", "tok/s"),
+    ("T3, all tokens", "t3_ms", "ms"),
+    ("CFM (encoder + solver)", "cfm_ms", "ms"),
+    ("HiFT", "hift_ms", "ms"),
+    ("to host + watermark", "watermark_ms", "ms"),
+    ("first audio (no streaming)", "first_audio_ms", "ms"),
+    ("RTF", "rtf", ""),
+    ("S3Gen RTF", "s3gen_rtf", ""),
+    ("peak memory", "peak_mem_mb", "MiB"),
+)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def format_report(result: dict) -> str:
+    env, cfg, ours, ref = result["env"], result["config"], result["ours"], result["reference"]
+    dev = env["gpu_name"] or env["cpu"]
+    lines = [f"# chatterbox-rt bench: {cfg['variant']}, {env['device']} {env['precision']} ({env['backend']}), "
+             f"{env['threads']} threads, {dev}, torch {env['torch']}, {env['date']}",
+             f"# {cfg['tokens']} speech tokens = {cfg['audio_s']:.2f} s of audio; median (p90) of {cfg['runs']} runs; "
+             f"weights: {cfg['weights']}; load average {env['loadavg_start']} -> {env.get('loadavg_end')}"]
+    head = f"{'stage':<28} {'unit':<6} {'ours':>18}"
+    if ref is not None:
+        head += f" {'reference':>18} {'speed-up':>9}"
+    lines.append(head)
+    for label, key, unit in ROWS:
+        if key not in ours:
+            continue
+
+        def cell(side, key=key):
+            q = side.get("p90", {}).get(key)
+            return f"{_fmt(side[key])} ({_fmt(q)})" if q is not None else _fmt(side[key])
+
+        row = f"{label:<28} {unit:<6} {cell(ours):>18}"
+        if ref is not None and key in ref:
+            sp = result["speedup"].get(key)
+            row += f" {cell(ref):>18} {('%.2fx' % sp) if sp is not None else '-':>9}"
+        lines.append(row)
+    lines.append(f"# peak host RSS of the process: {result['peak_host_rss_mb']:.0f} MiB"
+                 + (" (both sides loaded)" if ref is not None else ""))
+    for c in result.get("concurrency", []):
+        lines.append(f"# concurrency {c['concurrency']:>3}: {c['aggregate_x_realtime']:.2f}x real time, "
+                     f"latency median {c['latency_ms_median']:.0f} ms, p90 {c['latency_ms_p90']:.0f} ms")
+    return "\n".join(lines)
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = result.get("concurrency") or []
+    fig, axes = plt.subplots(1, 3 if result["reference"] is not None else 2, figsize=(14, 4))
+    xs = [c["concurrency"] for c in conc]
+    axes[0].plot(xs, [c["rtf_median"] for c in conc], "o-")
+    axes[0].set(xlabel="concurrent requests", ylabel="RTF (median per request)", title="RTF (lower is faster)")
+    axes[1].plot(xs, [c["aggregate_x_realtime"] for c in conc], "o-", color="tab:green")
+    axes[1].set(xlabel="concurrent requests", ylabel="x real time (aggregate)", title="throughput")
+    for ax in axes[:2]:
+        ax.set_ylim(bottom=0)
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    if result["reference"] is not None:
+        keys = [k for k in ("t3_ms_per_token", "cfm_ms", "hift_ms", "watermark_ms", "voice_ms")
+                if k in result["speedup"]]
+        axes[2].bar(keys, [result["speedup"][k] for k in keys])
+        axes[2].axhline(1.0, color="grey", lw=1)
+        axes[2].set(ylabel="reference / ours", title="speed-up per stage")
+        axes[2].tick_params(axis="x", rotation=30)
+    env, cfg = result["env"], result["config"]
+    fig.suptitle(f"{cfg['variant']} {env['device']} {env['precision']}, {env['gpu_name'] or env['cpu']}, "
+                 f"{cfg['tokens']} tokens, {env['date'][:10]}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .. import VARIANTS
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", metavar="DIR", help="checkpoint directory (official file names)")
+    src.add_argument("--dummy-weights", action="store_true", help="seeded random weights at the real shapes")
+    p.add_argument("--variant", default="chatterbox", choices=VARIANTS)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="fp32", help="our precision: fp32, bf16 or fp16 (the reference runs fp32)")
+    p.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250 = 10 s)")
+    p.add_argument("--texts", metavar="FILE", help="UTF-8 file, one text per line; run i uses line i (cycling)")
+    p.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
+    p.add_argument("--voice", metavar="CLIP", help="reference clip for voice preparation (default: synthetic 6.5 s)")
+    p.add_argument("--concurrency", default="1", metavar="N[,N...]",
+                   help="concurrent whole requests per level, e.g. 1,4,16 (default 1)")
+    p.add_argument("--stream", action="store_true", help="time to the first streamed audio chunk")
+    p.add_argument("--compare-upstream", action="store_true",
+                   help="also run the reference (chatterbox-tts 0.1.7) with identical weights and inputs")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes before timing (default 1)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; median and p90 reported (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-watermark", action="store_true", help="leave the watermark stage out")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="PNG: RTF and x real time against concurrency (+ speed-ups)")
+    p.add_argument("--profile", metavar="PATH", help="torch profiler Chrome trace of one of our requests")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as CHATTERBOX_RT_NVTX=1)")
+    # Testing aid, deliberately undocumented: T3 with the reduced backbones of the parity tests.
+    p.add_argument("--reduced-t3", action="store_true", help=argparse.SUPPRESS)
+
+
+def _parse_levels(text: str) -> list:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, e.g. 1,4,16; got {text!r}") from None
+    if not levels or any(c < 1 for c in levels):
+        raise ValueError(f"--concurrency levels must be >= 1; got {text!r}")
+    return sorted(set(levels))
+
+
+def _read_texts(path: Optional[str]) -> list:
+    if path is None:
+        return [DEFAULT_TEXT]
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--texts {path}: no such file")
+    try:
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--texts {path} is not UTF-8 text ({e})") from e
+    if not texts:
+        raise ValueError(f"--texts {path} has no non-empty lines")
+    return texts
+
+
+def validate(args) -> None:
+    if not args.ckpt and not args.dummy_weights:
+        raise ValueError("no model: give --ckpt DIR or --dummy-weights (seeded random weights)")
+    if args.tokens < 2:
+        raise ValueError(f"--tokens must be >= 2 (the decode rate needs two timings); got {args.tokens}")
+    if args.runs < 1 or args.warmup < 1:
+        raise ValueError("--runs and --warmup must be >= 1 (the warm-up pass also measures memory)")
+    if args.reduced_t3 and not args.dummy_weights:
+        raise ValueError("--reduced-t3 (a testing aid) only applies with --dummy-weights")
+    if args.stream:
+        raise ValueError("--stream: this runtime has no streaming output yet, so there is no first chunk to time; "
+                         "first_audio_ms reports the whole request (the first sample arrives with it)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+    if args.compare_upstream:
+        from .upstream import REFERENCE_VERSION, reference_available
+
+        if not reference_available():
+            raise ImportError(f"--compare-upstream needs the reference: pip install --no-deps "
+                              f"chatterbox-tts=={REFERENCE_VERSION} and its imports (make test's set-up installs "
+                              "them: pip install -e '.[test]' && pip install --no-deps -r "
+                              "tests/requirements-reference.txt)")
+    if args.voice and not Path(args.voice).is_file():
+        raise ValueError(f"--voice {args.voice}: no such file")
+
+
+def run(args) -> dict:
+    from ..cli import _device, _dtype
+    from ..models.t3.config import canonical_variant
+
+    validate(args)
+    args.variant = canonical_variant(args.variant)
+    levels = _parse_levels(args.concurrency)
+    texts = _read_texts(args.texts)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.nvtx:
+        from . import nvtx
+
+        nvtx.enable()
+    device, dtype = torch.device(_device(args.device)), _dtype(args.dtype)
+    env = environment(device, args.dtype)
+    language = args.language or ("en" if args.variant == "multilingual" else None)
+    n, audio_s = args.tokens, args.tokens / TOKENS_PER_SECOND
+    print(f"bench: building {args.variant} ({'checkpoint ' + args.ckpt if args.ckpt else 'dummy weights'})"
+          f"{' and the reference' if args.compare_upstream else ''} on {device} ...", flush=True)
+    ours, ref_tts = build_models(args, device, dtype)
+
+    with tempfile.TemporaryDirectory(prefix="chatterbox_rt_bench_") as tmp:
+        clip = Path(args.voice) if args.voice else synthetic_clip(Path(tmp) / "voice.wav")
+        ids = [ours.text_tokens(t, language) for t in texts]
+        text_ids = (lambda i: ids[i % len(ids)])
+        watermark = not args.no_watermark
+        stages = [s for s in STAGES if watermark or s != "watermark"]
+        with torch.inference_mode():
+            sides = [our_side(ours, clip, text_ids, n, args.seed, watermark)]
+            if ref_tts is not None:
+                sides.append(reference_side(ref_tts, clip, text_ids, n, args.seed, watermark, args.variant, device))
+
+            def set_run(i):
+                for s in sides:
+                    s.state["run"] = i
+
+            print(f"bench: {n} tokens per request, {args.warmup} warm-up + {args.runs} timed runs ...", flush=True)
+            measured = run_stages(sides, stages, args.runs, args.warmup, set_run)
+            if args.profile:
+                profile_request(sides[0], stages, Path(args.profile))
+        concurrency = run_concurrency(ours, sides[0].voice, lambda i: texts[i % len(texts)], levels, n, args.seed,
+                                      watermark, language)
+
+    summaries = {s.name: _summary(measured["times"][s.name], n, audio_s, *measured["mem"][s.name]) for s in sides}
+    result = {
+        "env": env,
+        "config": {"variant": args.variant, "device": str(device), "dtype": args.dtype, "tokens": n,
+                   "audio_s": audio_s, "runs": args.runs, "warmup": args.warmup, "concurrency": levels,
+                   "texts": len(texts), "text_tokens": [int(x.numel()) for x in ids], "watermark": watermark,
+                   "weights": f"checkpoint {args.ckpt}" if args.ckpt else f"dummy (seed {args.seed})"
+                   + (", reduced T3" if args.reduced_t3 else ""),
+                   "voice": str(args.voice) if args.voice else "synthetic", "stream": False,
+                   "compare_upstream": bool(args.compare_upstream)},
+        "ours": summaries["ours"],
+        "reference": summaries.get("reference"),
+        "speedup": _speedup(summaries["ours"], summaries["reference"]) if "reference" in summaries else {},
+        "concurrency": concurrency,
+        "peak_host_rss_mb": peak_rss_mb(),
+    }
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def main(args) -> int:
+    result = run(args)
+    print(format_report(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+        print(f"bench: wrote {args.json}")
+    if args.plot:
+        write_plot(result, Path(args.plot))
+        print(f"bench: wrote {args.plot}")
+    if args.profile:
+        print(f"bench: wrote {args.profile} (open in chrome://tracing or https://ui.perfetto.dev)")
+    return 0
+
+
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+__all__ = ["add_arguments", "run", "main", "format_report", "load_schema", "STAGES"]
