@@ -41,13 +41,17 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
+# setup.py imports torch to build the native extension (csrc/), so the package is installed without
+# build isolation: the build tools must be in the venv already.
+"${PIP[@]}" "setuptools>=68,<81" wheel
+
 if [ "$TEST" = 1 ]; then
   echo "setup: installing chatterbox-rt with the test extra"
-  "${PIP[@]}" -e ".[test]"
+  "${PIP[@]}" --no-build-isolation -e ".[test]"
   # The reference pins torch/torchaudio versions that must not replace ours: no dependencies.
   "${PIP[@]}" --no-deps -r tests/requirements-reference.txt
 else
   echo "setup: installing chatterbox-rt"
-  "${PIP[@]}" -e .
+  "${PIP[@]}" --no-build-isolation -e .
 fi
 "$PY" -c "import torch, chatterbox_rt; print('setup: torch', torch.__version__, '| chatterbox_rt', chatterbox_rt.__version__)"

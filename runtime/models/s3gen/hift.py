@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.dispatch import DispatchedOp
 from ..masks import length_mask
 
 S3GEN_SR = 24000
@@ -179,17 +180,19 @@ def _time_mask(lengths: Optional[torch.Tensor], size: int, scale: int = 1, extra
 
 
 class Snake(nn.Module):
-    """Snake(x) = x + sin^2(alpha x) / (alpha + eps), per channel (Liu et al., arXiv 2006.08195)."""
+    """Snake(x) = x + sin^2(alpha x) / (alpha + eps), per channel (Liu et al., arXiv 2006.08195).
+
+    Runs through the kernel dispatch layer (``chatterbox_rt.kernels.dispatch``: CUDA, Triton, C++
+    or plain torch, chosen once per device); ``mask`` multiplies x first (``_mask``) in the same pass."""
 
     def __init__(self, channels: int, eps: float):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(channels))
         self.eps = eps
+        self._op = DispatchedOp("snake")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T]
-        alpha = self.alpha[None, :, None]
-        # Same expression order as the reference, so the result is bit-identical.
-        return x + (1.0 / (alpha + self.eps)) * torch.sin(x * alpha).pow(2)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # [B, C, T]
+        return self._op.get(x.device)(x, self.alpha, self.eps, mask)
 
 
 class ResBlock(nn.Module):
@@ -206,10 +209,11 @@ class ResBlock(nn.Module):
         self.activations2 = nn.ModuleList(Snake(channels, eps) for _ in dilations)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # Snake(0) = 0, so masking each conv's output keeps padded steps at exactly zero.
+        # Snake(0) = 0, so masking each conv's output keeps padded steps at exactly zero; the first
+        # conv's mask is applied inside the next Snake's pass.
         for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
-            xt = _mask(conv1(act1(x)), mask)
-            xt = _mask(conv2(act2(xt)), mask)
+            xt = act2(conv1(act1(x)), mask)
+            xt = _mask(conv2(xt), mask)
             x = xt + x
         return x
 
@@ -317,6 +321,7 @@ class HiFTGenerator(nn.Module):
         last_ch = ch // 2 ** len(c.upsample_rates)
         self.conv_post = nn.Conv1d(last_ch, src_ch, c.conv_post_kernel_size, padding=c.conv_post_kernel_size // 2)
         self.register_buffer("stft_window", hann_window(c.n_fft), persistent=False)
+        self._istft_op = DispatchedOp("istft")
         self._register_load_state_dict_pre_hook(_fold_weight_norm_hook)
 
     # -- source ---------------------------------------------------------------------------
@@ -352,26 +357,6 @@ class HiFTGenerator(nn.Module):
 
     # -- filter ---------------------------------------------------------------------------
 
-    def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        c = self.config
-        magnitude = torch.clip(magnitude.float(), max=c.magnitude_max)  # fp32, as in _source_stft
-        phase = phase.float()
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))  # [B, n_freq, F]
-        window = self.stft_window.float()
-        if frame_mask is None:
-            return torch.istft(spec, c.n_fft, c.hop, c.n_fft, window=window)
-        # torch.istft divides by the overlap-added squared window of *all* frames; a shorter
-        # request's last samples must see only its own frames, so overlap-add by hand.
-        frame_mask = frame_mask.float()
-        n_frames = spec.shape[-1]
-        frames = torch.fft.irfft(spec * frame_mask, n=c.n_fft, dim=1) * window[None, :, None]  # [B, n_fft, F]
-        total = c.n_fft + c.hop * (n_frames - 1)
-        y = F.fold(frames, output_size=(1, total), kernel_size=(1, c.n_fft), stride=(1, c.hop))[:, 0, 0]
-        env = F.conv_transpose1d(frame_mask, (window * window)[None, None, :], stride=c.hop)[:, 0]
-        half = c.n_fft // 2
-        y, env = y[:, half: total - half], env[:, half: total - half]
-        return torch.where(env > 1e-11, y / env.clamp_min(1e-11), torch.zeros_like(y))
-
     def decode(self, mel: torch.Tensor, s: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mel ``[B, 80, T]`` + source ``[B, 1, 480 T]`` -> waveform ``[B, 480 T]`` (reference ``decode``)."""
         c = self.config
@@ -406,10 +391,12 @@ class HiFTGenerator(nn.Module):
                 xs = r if xs is None else xs + r
             x = xs / n_k
         x = self.conv_post(F.leaky_relu(x, c.post_lrelu_slope))  # [B, 18, 120 T + 1]
-        magnitude = torch.exp(x[:, : c.n_freq])
-        phase = torch.sin(x[:, c.n_freq:])  # sin of a phase: redundant, but it is what was trained
-        wav = self._istft(magnitude, phase, frame_mask)
-        wav = torch.clamp(wav, -c.audio_limit, c.audio_limit)
+        # magnitude = exp(x[:, :9]) clipped at 1e2, phase = sin(x[:, 9:]) (sin of a phase: redundant,
+        # but it is what was trained), inverse STFT in fp32 and the clamp: one fused op (kernels/istft.py).
+        # A padded batch's frame mask is passed as valid frame counts (torch.istft's envelope would
+        # otherwise include a shorter request's padding frames).
+        n_valid = None if lengths is None else lengths.to(x.device) * c.upsample_factor + 1
+        wav = self._istft_op.get(x.device)(x, self.stft_window, c.n_fft, c.hop, c.audio_limit, n_valid)
         if lengths is not None:
             wav = wav * _time_mask(lengths, wav.shape[-1], c.samples_per_frame, 0, dt)[:, 0]
         return wav

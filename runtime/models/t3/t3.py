@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ...kernels.dispatch import DispatchedOp
 from ...profiling import nvtx
 from .alignment import AlignmentController
 from .backbone import AttentionProbe, KVCache, Linear, build_backbone
@@ -56,6 +57,7 @@ class T3(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
+        self._sample_op = DispatchedOp("sample")
         self.tfmr = build_backbone(config.backbone)
         self.cond_enc = T3CondEnc(config)
         self.text_emb = nn.Embedding(config.text_vocab_size, d)
@@ -264,6 +266,17 @@ class T3(nn.Module):
         speech_pos = torch.ones(B, dtype=torch.long, device=dev) if cfg.learned_pos_emb else None
         poll = EOS_POLL_EVERY_CUDA if dev.type == "cuda" else 1
 
+        # Sampling: the fused kernel where the dispatch layer picks one (Triton on a GPU), else the
+        # torch chain of sampling.py. The kernel draws from Philox keyed by a per-request seed (from
+        # ``generator``, one host read per request) and a device-side step counter.
+        fused = self._sample_op.get(dev)
+        order = "gpt" if cfg.is_gpt else "llama"
+        rng_seed = rng_offset = None
+        if fused is not None:
+            gen_dev = generator.device if generator is not None else torch.device("cpu")
+            rng_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_dev).item())
+            rng_offset = torch.zeros(1, dtype=torch.long, device=dev)
+
         n = n_max
         with nvtx.range("t3_decode"):
             for step in range(n_max):
@@ -275,19 +288,27 @@ class T3(nn.Module):
                         pos += 1
                         if speech_pos is not None:
                             speech_pos += 1
-                    if cfg.is_gpt:
-                        processed = process_gpt(logits, seen, p)
-                        if step == 0:  # the first draw's history is the start token, later ones the generated tokens
-                            seen.zero_()
+                    cfg_w = p.cfg_weight if use_cfg else None
+                    if not cfg.is_gpt and align is not None:
+                        # The alignment control acts between the CFG combine and the chain.
+                        logits, cfg_w = (cfg_combine(logits, p.cfg_weight) if use_cfg else logits), None
+                        prev = out[0, step - 2:step] if step >= 2 else None
+                        logits = align.step(self._stack_probe(probe), logits, prev)
+                    if fused is not None:  # one kernel: CFG, the chain and the draw (-1: nothing left)
+                        tok = fused(logits, seen, order=order, temperature=p.temperature, top_p=p.top_p,
+                                    min_p=p.min_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
+                                    cfg_weight=cfg_w, seed=rng_seed, offset=rng_offset)
+                        rng_offset.add_(1)
+                        dead = tok < 0
                     else:
-                        logits = cfg_combine(logits, p.cfg_weight) if use_cfg else logits
-                        if align is not None:
-                            prev = out[0, step - 2:step] if step >= 2 else None
-                            logits = align.step(self._stack_probe(probe), logits, prev)
-                        processed = process_llama(logits, seen, p)
+                        if cfg_w is not None:
+                            logits = cfg_combine(logits, cfg_w)
+                        processed = process_gpt(logits, seen, p) if cfg.is_gpt else process_llama(logits, seen, p)
+                        dead = torch.isneginf(processed).all(dim=-1)
+                        tok = sample_no_sync(torch.softmax(processed, dim=-1), generator)
+                    if cfg.is_gpt and step == 0:  # the first draw's history is the start token, later ones the generated tokens
+                        seen.zero_()
                     # Turbo stops when every logit was filtered to -inf (reference), which ends the sequence like EOS.
-                    dead = torch.isneginf(processed).all(dim=-1)
-                    tok = sample_no_sync(torch.softmax(processed, dim=-1), generator)
                     tok = torch.where(dead, torch.full_like(tok, eos), tok)
                     if stop_on_eos:
                         tok = torch.where(done, torch.full_like(tok, eos), tok)

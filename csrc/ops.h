@@ -1,0 +1,142 @@
+// chatterbox_rt native operators: declarations shared by bindings.cpp (schemas, Meta kernels),
+// cpu/*.cpp and cuda/*.cu, plus the input checks every backend runs (so CPU, CUDA and Meta
+// reject the same inputs with the same message).
+//
+// All ops write into caller-allocated outputs (out-params, `Tensor(a!)` in the schema) and
+// return nothing: allocation stays in Python (kernels/_native.py), where buffers can be reused.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+// The ops take float32, float16 and bfloat16 (checked first, so other dtypes never get here).
+#define CBRT_DISPATCH_FLOAT(TYPE, NAME, ...)                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace chatterbox_rt {
+
+// --- kernels (one per backend) ---------------------------------------------------------------
+void snake_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& alpha, double eps);
+void istft_cpu(at::Tensor& out, const at::Tensor& spec, const at::Tensor& window, int64_t n_fft, int64_t hop,
+               double audio_limit, const std::optional<at::Tensor>& n_frames);
+void cfg_euler_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt, double cfg_rate);
+void cfg_euler_refresh_cpu(at::Tensor& x, at::Tensor& x_in, const at::Tensor& v, const at::Tensor& dt,
+                           double cfg_rate);
+void euler_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt);
+// cuda/*.cu, compiled only into CUDA builds (setup.py)
+void snake_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& alpha, double eps);
+void istft_cuda(at::Tensor& out, const at::Tensor& spec, const at::Tensor& window, int64_t n_fft, int64_t hop,
+                double audio_limit, const std::optional<at::Tensor>& n_frames);
+void cfg_euler_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt, double cfg_rate);
+void cfg_euler_refresh_cuda(at::Tensor& x, at::Tensor& x_in, const at::Tensor& v, const at::Tensor& dt,
+                            double cfg_rate);
+void euler_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt);
+
+// --- input checks ----------------------------------------------------------------------------
+inline bool is_float_type(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+inline void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but x/spec is on ", ref.device(),
+              "; move all arguments to one device");
+}
+
+inline void check_float_contiguous(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_float_type(t), op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous() first)");
+}
+
+inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& ref, at::IntArrayRef shape,
+                      at::ScalarType dtype) {
+  check_same_device(op, ref, out, "out");
+  TORCH_CHECK(out.sizes() == shape, op, ": out has shape ", out.sizes(), ", expected ", shape);
+  TORCH_CHECK(out.scalar_type() == dtype, op, ": out has dtype ", out.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+}
+
+inline void check_snake(const at::Tensor& out, const at::Tensor& x, const at::Tensor& alpha) {
+  check_float_contiguous("snake", x, "x");
+  TORCH_CHECK(x.dim() == 3, "snake: x must be [B, C, T], got shape ", x.sizes());
+  check_same_device("snake", x, alpha, "alpha");
+  TORCH_CHECK(is_float_type(alpha), "snake: alpha must be a float tensor, got ", alpha.scalar_type());
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == x.size(1), "snake: alpha must be [C] = [", x.size(1),
+              "], got shape ", alpha.sizes());
+  check_out("snake", out, x, x.sizes(), x.scalar_type());
+}
+
+inline int64_t istft_out_len(int64_t hop, int64_t n_frames) { return n_frames > 0 ? hop * (n_frames - 1) : 0; }
+
+inline void check_istft(const at::Tensor& out, const at::Tensor& spec, const at::Tensor& window, int64_t n_fft,
+                        int64_t hop, const std::optional<at::Tensor>& n_frames) {
+  TORCH_CHECK(n_fft >= 2 && n_fft % 2 == 0, "istft: n_fft must be even and >= 2, got ", n_fft);
+  TORCH_CHECK(hop >= 1, "istft: hop must be >= 1, got ", hop);
+  check_float_contiguous("istft", spec, "spec");
+  TORCH_CHECK(spec.dim() == 3 && spec.size(1) == n_fft + 2, "istft: spec must be [B, n_fft + 2, F] = [B, ", n_fft + 2,
+              ", F] (log-magnitude rows then phase rows, HiFT's conv_post output), got shape ", spec.sizes());
+  check_same_device("istft", spec, window, "window");
+  TORCH_CHECK(is_float_type(window), "istft: window must be a float tensor, got ", window.scalar_type());
+  TORCH_CHECK(window.dim() == 1 && window.size(0) == n_fft, "istft: window must be [n_fft] = [", n_fft,
+              "], got shape ", window.sizes());
+  if (n_frames.has_value()) {
+    const auto& nf = *n_frames;
+    check_same_device("istft", spec, nf, "n_frames");
+    TORCH_CHECK(nf.scalar_type() == at::kLong || nf.scalar_type() == at::kInt,
+                "istft: n_frames must be an int64/int32 tensor of valid frames per row, got ", nf.scalar_type());
+    TORCH_CHECK(nf.dim() == 1 && nf.size(0) == spec.size(0), "istft: n_frames must be [B] = [", spec.size(0),
+                "], got shape ", nf.sizes());
+  }
+  const int64_t B = spec.size(0), L = istft_out_len(hop, spec.size(2));
+  check_out("istft", out, spec, {B, L}, at::kFloat);
+}
+
+inline void check_dt(const char* op, const at::Tensor& x, const at::Tensor& dt) {
+  check_same_device(op, x, dt, "dt");
+  TORCH_CHECK(dt.numel() == 1, op, ": dt must be a 1-element tensor (kept on x's device to avoid a host sync), got ",
+              dt.numel(), " elements");
+  TORCH_CHECK(is_float_type(dt), op, ": dt must be a float tensor, got ", dt.scalar_type());
+}
+
+inline void check_cfg_v(const char* op, const at::Tensor& x, const at::Tensor& v) {
+  check_float_contiguous(op, x, "x");
+  check_float_contiguous(op, v, "v");
+  check_same_device(op, x, v, "v");
+  TORCH_CHECK(v.scalar_type() == x.scalar_type(), op, ": v has dtype ", v.scalar_type(), " but x has ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && v.dim() == x.dim(), op, ": x and v must have the same rank, got ", x.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(v.size(0) == 2 * x.size(0) && v.sizes().slice(1) == x.sizes().slice(1), op,
+              ": v must be [2B, ...] (conditional rows first, then unconditional) for x [B, ...] = ", x.sizes(),
+              ", got ", v.sizes());
+}
+
+inline void check_cfg_euler(const at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt) {
+  check_cfg_v("cfg_euler", x, v);
+  check_dt("cfg_euler", x, dt);
+  check_out("cfg_euler", out, x, x.sizes(), x.scalar_type());
+}
+
+inline void check_cfg_euler_refresh(const at::Tensor& x, const at::Tensor& x_in, const at::Tensor& v,
+                                    const at::Tensor& dt) {
+  check_cfg_v("cfg_euler_refresh", x, v);
+  check_dt("cfg_euler_refresh", x, dt);
+  check_out("cfg_euler_refresh", x_in, x, v.sizes(), x.scalar_type());
+}
+
+inline void check_euler(const at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt) {
+  check_float_contiguous("euler", x, "x");
+  check_float_contiguous("euler", v, "v");
+  check_same_device("euler", x, v, "v");
+  TORCH_CHECK(v.sizes() == x.sizes() && v.scalar_type() == x.scalar_type(), "euler: v must match x (", x.sizes(), ", ",
+              x.scalar_type(), "), got ", v.sizes(), ", ", v.scalar_type());
+  check_dt("euler", x, dt);
+  check_out("euler", out, x, x.sizes(), x.scalar_type());
+}
+
+}  // namespace chatterbox_rt

@@ -1,0 +1,107 @@
+"""Loader and Python wrappers of the native operators (csrc/ -> ``chatterbox_rt._C``).
+
+Importing ``chatterbox_rt._C`` registers ``torch.ops.chatterbox_rt.*`` (TORCH_LIBRARY schemas with
+out-params, CPU/CUDA kernels, Meta kernels for fake tensors; csrc/bindings.cpp). The extension is
+optional (setup.py skips or gives up on it quietly): ``load()`` tries once and logs one warning
+when it is missing, ``available(device_type)`` says whether an op set can run on a device, and the
+wrappers below allocate outputs and call the ops.
+
+Math (references in runtime/models/s3gen): ``snake`` = hift.py Snake.forward; ``istft`` =
+decode's exp/sin head + ``_istft`` + clamp; ``cfg_euler``/``euler`` = cfm.py's Euler updates.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional, Union
+
+import torch
+
+logger = logging.getLogger("chatterbox_rt")
+
+_NAMESPACE = "chatterbox_rt"
+OPS = ("snake", "istft", "cfg_euler", "cfg_euler_refresh", "euler")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_state: dict = {"tried": False, "module": None}
+
+
+def load():
+    """Import ``chatterbox_rt._C`` once; the module, or None (one warning) when it is not built."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["module"] = importlib.import_module("chatterbox_rt._C")
+        except Exception as e:  # noqa: BLE001 - ImportError, or an ABI mismatch (OSError/undefined symbol)
+            logger.warning("chatterbox_rt native ops unavailable (%s: %s); using the plain-torch paths. "
+                           "Rebuild with `pip install -e . --no-build-isolation` to get them.", type(e).__name__, e)
+    return _state["module"]
+
+
+def available(device_type: str = "cpu") -> bool:
+    """True when the extension is loaded and every op has a kernel for ``device_type`` ("cpu"/"cuda")."""
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None or load() is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{op}", key) for op in OPS)
+
+
+def _ops():
+    if load() is None:
+        raise RuntimeError("chatterbox_rt native extension (chatterbox_rt._C) is not built; check "
+                           "kernels._native.available() first, or reinstall with `pip install -e . --no-build-isolation`")
+    return torch.ops.chatterbox_rt
+
+
+def _dt_tensor(dt: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """dt as a 1-element tensor on x's device (a float becomes a device tensor without a host sync)."""
+    if isinstance(dt, torch.Tensor):
+        return dt  # the op checks it has one element
+    return torch.full((1,), float(dt), dtype=torch.float32, device=x.device)
+
+
+def snake(x: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-9, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + sin(alpha x)^2 / (alpha + eps)``, x ``[B, C, T]``, alpha ``[C]``; fp32 math, output in x's dtype."""
+    if out is None:
+        out = torch.empty_like(x)
+    _ops().snake(out, x, alpha, eps)
+    return out
+
+
+def istft(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: int = 4, audio_limit: float = 0.99,
+          n_frames: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HiFT head: spec ``[B, n_fft + 2, F]`` (log-magnitudes, then phase logits) -> fp32 ``[B, hop (F - 1)]``.
+
+    ``n_frames [B]`` (valid frames per row, on spec's device) gives hift.py's masked ``_istft``."""
+    B, F = spec.shape[0], spec.shape[-1]
+    if out is None:
+        out = torch.empty(B, hop * (F - 1) if F > 0 else 0, dtype=torch.float32, device=spec.device)
+    _ops().istft(out, spec, window, n_fft, hop, audio_limit, n_frames)
+    return out
+
+
+def cfg_euler(x: torch.Tensor, v: torch.Tensor, dt: Union[float, torch.Tensor], cfg_rate: float,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + dt ((1 + cfg_rate) v[:B] - cfg_rate v[B:])``, v ``[2B, ...]`` conditional rows first."""
+    if out is None:
+        out = torch.empty_like(x)
+    _ops().cfg_euler(out, x, v, _dt_tensor(dt, x), cfg_rate)
+    return out
+
+
+def cfg_euler_(x: torch.Tensor, v: torch.Tensor, dt: Union[float, torch.Tensor], cfg_rate: float,
+               x_in: torch.Tensor) -> torch.Tensor:
+    """In place: the CFG Euler step on x, and x copied into both halves of ``x_in [2B, ...]``. Returns x."""
+    _ops().cfg_euler_refresh(x, x_in, v, _dt_tensor(dt, x), cfg_rate)
+    return x
+
+
+def euler(x: torch.Tensor, v: torch.Tensor, dt: Union[float, torch.Tensor],
+          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + dt v`` (meanflow, no CFG)."""
+    if out is None:
+        out = torch.empty_like(x)
+    _ops().euler(out, x, v, _dt_tensor(dt, x))
+    return out
+
+
+__all__ = ["load", "available", "snake", "istft", "cfg_euler", "cfg_euler_", "euler", "OPS"]
