@@ -8,9 +8,9 @@
 # --whole  capture the whole run instead of only the cudaProfilerStart/Stop window
 #          (chatterbox_rt.profiling.nvtx.profiler_start()/profiler_stop() open and close that window)
 #
-# COMMAND defaults to `python profiling/bench_e2e.py --variant chatterbox --skip-t3 --runs 1`. It brackets its
-# timed runs with profiler_start()/profiler_stop(), but it runs on the CPU, where there is no CUDA profiler
-# API to open the window, so the default command is captured whole.
+# COMMAND defaults to `chatterbox-rt bench --dummy-weights --tokens 100 --runs 2` (CUDA when torch sees a GPU).
+# The bench brackets its timed runs with profiler_start()/profiler_stop(), so only they are captured; without
+# CUDA there is no profiler API to open that window, and the default command is captured whole.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,8 +29,8 @@ done
 if [[ $# -eq 0 ]]; then
     py="python"
     [[ -x .venv/bin/python ]] && py=".venv/bin/python"
-    set -- "$py" profiling/bench_e2e.py --variant chatterbox --skip-t3 --runs 1
-    whole=1
+    set -- "$py" -m chatterbox_rt.cli bench --dummy-weights --tokens 100 --runs 2
+    "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || whole=1
 fi
 
 if ! command -v nsys >/dev/null 2>&1; then
