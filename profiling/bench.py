@@ -163,6 +163,16 @@ def _nvidia_driver() -> Optional[str]:
         return None
 
 
+def _kernel_backends(device: torch.device) -> Optional[dict]:
+    """{op: backend} the dispatch layer picks for this device (cpp/cuda/triton/native)."""
+    try:
+        from ..kernels import dispatch
+
+        return dispatch.summary(device)
+    except Exception as e:  # noqa: BLE001 - an explicit CHATTERBOX_RT_KERNELS that cannot run: say so
+        return {"error": str(e)}
+
+
 def environment(device: torch.device, dtype_name: str) -> dict:
     from .. import __version__
 
@@ -183,6 +193,7 @@ def environment(device: torch.device, dtype_name: str) -> dict:
         "device": str(device),
         "precision": dtype_name,
         "backend": "torch eager",
+        "kernels": _kernel_backends(device),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
