@@ -54,7 +54,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -701,14 +700,9 @@ def main(argv=None) -> int:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from chatterbox_rt.profiling.bench import cpu_model
+
+    return cpu_model()
 
 
 def _version(mod: str) -> Optional[str]:
