@@ -16,7 +16,7 @@
 namespace chatterbox_rt {
 namespace {
 
-constexpr int64_t kBlock = 512;  // low-precision rows are widened to fp32 in blocks of this size
+constexpr int64_t kBlock = 1024;  // low-precision rows are widened to fp32 in blocks of this size
 
 // Returns max |alpha x| over the row so the caller can redo rows whose arguments leave the
 // polynomial's range (vm::kTrigFastMax) with std::sin.
@@ -61,9 +61,17 @@ void snake_rows(const scalar_t* x, scalar_t* out, const float* alpha, float eps,
       // Low precision, or in place (the std::sin redo must still see x): through fp32 buffers.
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int64_t n = std::min(kBlock, T - t0);
-        for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<float>(xr[t0 + i]);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          vm::bf16_to_f32(reinterpret_cast<const uint16_t*>(xr + t0), xb, n);
+        } else {
+          for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<float>(xr[t0 + i]);
+        }
         snake_row(xb, ob, n, a, inv);
-        for (int64_t i = 0; i < n; ++i) outr[t0 + i] = static_cast<scalar_t>(ob[i]);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          vm::f32_to_bf16(ob, reinterpret_cast<uint16_t*>(outr + t0), n);
+        } else {
+          for (int64_t i = 0; i < n; ++i) outr[t0 + i] = static_cast<scalar_t>(ob[i]);
+        }
       }
     }
   }

@@ -132,5 +132,27 @@ CBRT_INLINE float exp(float x) {
   return e * scale;
 }
 
+// bfloat16 <-> float on raw bits, vectorisable (c10::BFloat16's conversions are scalar: its
+// NaN test is a branch). Same results as c10: widening is exact; narrowing rounds to nearest even,
+// NaN becomes the canonical quiet NaN 0x7FC0.
+CBRT_TARGET_CLONES inline void bf16_to_f32(const uint16_t* in, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(in[i]) << 16;
+    std::memcpy(&out[i], &u, sizeof(float));
+  }
+}
+
+CBRT_TARGET_CLONES inline void f32_to_bf16(const float* in, uint16_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &in[i], sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t is_nan = static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
+    out[i] = static_cast<uint16_t>(rounded + is_nan * (0x7FC0u - rounded));  // select as arithmetic
+  }
+}
+
 }  // namespace vm
 }  // namespace chatterbox_rt
