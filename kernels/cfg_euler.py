@@ -39,24 +39,11 @@ except ImportError:  # the models fall back to plain torch
 Dt = Union[float, Tensor]
 
 
-def cfg_euler_ref(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, upcast: bool = True) -> Tensor:
-    """Plain torch: ``x + dt * ((1 + w) * v[:B] - w * v[B:])``.
+def euler_ref(x: Tensor, v: Tensor, dt: Dt, upcast: bool = True) -> Tensor:
+    """Plain torch: ``x + dt * v`` (meanflow, no guidance).
 
     ``upcast=True`` computes in fp32 and rounds once to ``x.dtype`` (what the kernel does);
     ``upcast=False`` computes in ``x.dtype``, which is what the model's own expression does."""
-    B = x.shape[0]
-    dtype = x.dtype
-    if upcast:
-        x, v = x.float(), v.float()
-        dt = dt.float() if isinstance(dt, Tensor) else dt
-    if isinstance(dt, Tensor):
-        dt = dt.reshape(())
-    out = x + dt * ((1.0 + cfg_rate) * v[:B] - cfg_rate * v[B:])
-    return out.to(dtype)
-
-
-def euler_ref(x: Tensor, v: Tensor, dt: Dt, upcast: bool = True) -> Tensor:
-    """Plain torch: ``x + dt * v`` (meanflow, no guidance)."""
     dtype = x.dtype
     if upcast:
         x, v = x.float(), v.float()
@@ -64,6 +51,14 @@ def euler_ref(x: Tensor, v: Tensor, dt: Dt, upcast: bool = True) -> Tensor:
     if isinstance(dt, Tensor):
         dt = dt.reshape(())
     return (x + dt * v).to(dtype)
+
+
+def cfg_euler_ref(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, upcast: bool = True) -> Tensor:
+    """Plain torch: ``x + dt * ((1 + w) * v[:B] - w * v[B:])``: the guided velocity, then ``euler_ref``."""
+    B = x.shape[0]
+    if upcast:
+        v = v.float()
+    return euler_ref(x, (1.0 + cfg_rate) * v[:B] - cfg_rate * v[B:], dt, upcast)
 
 
 if HAS_TRITON:

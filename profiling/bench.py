@@ -84,8 +84,8 @@ def rss_mb() -> float:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): unknown
+        return float("nan")
     return float("nan")
 
 
@@ -120,8 +120,8 @@ def cpu_model() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError:  # no /proc/cpuinfo: fall through to what platform knows
+        return platform.processor() or platform.machine()
     return platform.processor() or platform.machine()
 
 
@@ -232,6 +232,8 @@ class Side:
     def __init__(self, name: str, device: torch.device, modules: tuple):
         self.name, self.device, self.modules = name, device, modules
         self.fns: dict[str, Callable] = {}
+        self.state: dict = {"run": 0}  # the run index (picks the text) and stage outputs
+        self.voice = None
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -245,7 +247,7 @@ class Side:
         return time.perf_counter() - t0
 
 
-def _speech_tokens(n: int, seed: int, device) -> torch.Tensor:
+def speech_tokens(n: int, seed: int = 0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, SPEECH_CODEBOOK, (1, n), generator=g).to(device)
 
@@ -254,8 +256,8 @@ def our_side(tts, clip: Path, text_ids: Callable[[int], torch.Tensor], n_tokens:
              watermark: bool) -> Side:
     side = Side("ours", tts.device, (tts.t3, tts.s3gen, tts.ve))
     voice = tts.prepare_conditionals(clip)
-    tokens = _speech_tokens(n_tokens, seed, tts.device)
-    state = {"run": 0}
+    tokens = speech_tokens(n_tokens, seed, tts.device)
+    state = side.state
 
     def t3(n):
         g = torch.Generator(device=tts.device).manual_seed(seed)
@@ -279,12 +281,12 @@ def our_side(tts, clip: Path, text_ids: Callable[[int], torch.Tensor], n_tokens:
         "hift": hift,
         "watermark": lambda: tts._finish(state["wav"], watermark),
     }
-    side.state, side.voice = state, voice
+    side.voice = voice
     return side
 
 
 def reference_side(ref_tts, clip: Path, text_ids: Callable[[int], torch.Tensor], n_tokens: int, seed: int,
-                   watermark: bool, variant: str, device: torch.device) -> Side:
+                   watermark: bool, device: torch.device) -> Side:
     import chatterbox.models.s3gen.flow_matching as ref_fm
     import chatterbox.models.t3.t3 as ref_t3_mod
     from chatterbox.models.s3gen.s3gen import S3GEN_SR
@@ -292,20 +294,16 @@ def reference_side(ref_tts, clip: Path, text_ids: Callable[[int], torch.Tensor],
     # The reference's progress bars (and meanflow's print per call) would interleave with the report.
     ref_t3_mod.tqdm = ref_fm.tqdm = lambda it, *a, **k: it
     ref_fm.print = lambda *a, **k: None
-    t3 = ref_tts.t3
-    t3.hp.stop_speech_token = -1  # never matches a drawn token: EOS disabled, fixed work
+    from .upstream import ref_t3_fixed_tokens
+
     side = Side("reference", device, (ref_tts.t3, ref_tts.s3gen, ref_tts.ve))
     ref_tts.prepare_conditionals(str(clip))
-    tokens = _speech_tokens(n_tokens, seed, device)
-    state = {"run": 0}
+    tokens = speech_tokens(n_tokens, seed, device)
+    state = side.state
 
     def run_t3(n):
         torch.manual_seed(seed)
-        text = text_ids(state["run"]).to(device)
-        cond = ref_tts.conds.t3
-        if variant in ("turbo", "nano"):
-            return t3.inference_turbo(cond, text[None], max_gen_len=n - 1)
-        return t3.inference(t3_cond=cond, text_tokens=torch.stack([text, text]), max_new_tokens=n, cfg_weight=0.5)
+        return ref_t3_fixed_tokens(ref_tts.t3, ref_tts.conds.t3, text_ids(state["run"]).to(device), n)
 
     def cfm():
         torch.manual_seed(seed)
@@ -331,20 +329,7 @@ def reference_side(ref_tts, clip: Path, text_ids: Callable[[int], torch.Tensor],
         "hift": hift,
         "watermark": finish,
     }
-    side.state = state
     return side
-
-
-def _reduced_overrides(variant: str) -> dict:
-    import dataclasses
-
-    from ..models.t3 import T3Config
-    from .upstream import REDUCED
-
-    cfg = T3Config.for_variant(variant)
-    r = REDUCED[variant]
-    return dict(backbone=dataclasses.replace(cfg.backbone, **r),
-                alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < r["num_layers"]))
 
 
 def build_models(args, device: torch.device, dtype: torch.dtype):
@@ -354,7 +339,10 @@ def build_models(args, device: torch.device, dtype: torch.dtype):
     if not args.compare_upstream:
         if args.ckpt:
             return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype), None
-        overrides = _reduced_overrides(args.variant) if args.reduced_t3 else {}
+        from ..models.t3.config import smaller_backbone
+        from .upstream import REDUCED
+
+        overrides = smaller_backbone(args.variant, **REDUCED[args.variant]) if args.reduced_t3 else {}
         return TTS.from_dummy(args.variant, seed=args.seed, device=device, dtype=dtype, **overrides), None
 
     from .upstream import (build_s3gen_pair, build_t3_pair, build_voice_encoders, load_reference, ref_tts_class)
@@ -723,7 +711,7 @@ def run(args) -> dict:
         with torch.inference_mode():
             sides = [our_side(ours, clip, text_ids, n, args.seed, watermark)]
             if ref_tts is not None:
-                sides.append(reference_side(ref_tts, clip, text_ids, n, args.seed, watermark, args.variant, device))
+                sides.append(reference_side(ref_tts, clip, text_ids, n, args.seed, watermark, device))
 
             def set_run(i):
                 for s in sides:

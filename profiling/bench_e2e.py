@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from chatterbox_rt.profiling.bench import cpu_model, peak_rss_mb, rss_growth_mb, rss_mb
+from chatterbox_rt.profiling.bench import cpu_model, speech_tokens, peak_rss_mb, rss_growth_mb, rss_mb
 from chatterbox_rt.profiling.upstream import build_voice_encoders, ref_tts_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +88,6 @@ def build_tts_pair(ref, variant: str, ref_s3gen, ours_s3gen, ref_ve, ours_ve):
                                    config=types.SimpleNamespace(speech_cond_prompt_len=plen))
     ours = TTS(variant, our_t3, ours_s3gen, ours_ve, None, source="bench_e2e")
     return ref_tts, ours
-
-
-def speech_tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 6561, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def stage_fns(ref_tts, ours_tts, ref_dict, tokens, mel, wav, skip_watermark: bool) -> dict:

@@ -27,11 +27,9 @@ VARIANTS = ("chatterbox", "multilingual", "turbo", "nano")
 
 def _ref_runner(ref_model, ref_cond_fn, text, n):
     """One reference generation of exactly n tokens (EOS disabled)."""
-    ref_model.hp.stop_speech_token = -1  # never matches a drawn token: fixed work
-    if ref_model.is_gpt:
-        return lambda: ref_model.inference_turbo(ref_cond_fn(), text[None], max_gen_len=n - 1)
-    tt = torch.stack([text, text])
-    return lambda: ref_model.inference(t3_cond=ref_cond_fn(), text_tokens=tt, max_new_tokens=n, cfg_weight=0.5)
+    from chatterbox_rt.profiling.upstream import ref_t3_fixed_tokens
+
+    return lambda: ref_t3_fixed_tokens(ref_model, ref_cond_fn(), text, n)
 
 
 def _ours_runner(model, cond_fn, text, n):

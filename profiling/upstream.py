@@ -164,6 +164,15 @@ def build_t3_pair(ref, variant: str, *, reduced: bool = True, seed: int = 0):
     return ref_model, ours.eval()
 
 
+def ref_t3_fixed_tokens(ref_t3, cond, text: torch.Tensor, n: int):
+    """The reference T3 drawing exactly ``n`` tokens: EOS disabled (its stop token set to an id
+    that is never drawn), CFG at the reference's default 0.5 for the Llama variants. ``text``: 1-D ids."""
+    ref_t3.hp.stop_speech_token = -1
+    if ref_t3.is_gpt:
+        return ref_t3.inference_turbo(cond, text[None], max_gen_len=n - 1)  # the prefill draws the first
+    return ref_t3.inference(t3_cond=cond, text_tokens=torch.stack([text, text]), max_new_tokens=n, cfg_weight=0.5)
+
+
 def cond_tensors(cfg: T3Config, seed: int = 0, exaggeration: float = 0.5) -> dict:
     g = torch.Generator().manual_seed(seed + 1000)
     return dict(

@@ -14,7 +14,6 @@ weights at the real shapes: the speed is real, the audio is noise). A user error
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import time
@@ -270,11 +269,9 @@ def _load_tts(args):
     overrides = {}
     if args.t3_layers:
         # Testing aid: a T3 with fewer layers (S3Gen stays full size).
-        from .models.t3 import T3Config
+        from .models.t3.config import smaller_backbone
 
-        cfg = T3Config.for_variant(variant)
-        overrides = dict(backbone=dataclasses.replace(cfg.backbone, num_layers=args.t3_layers),
-                         alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < args.t3_layers))
+        overrides = smaller_backbone(variant, num_layers=args.t3_layers)
     return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, **overrides)
 
 

@@ -113,7 +113,7 @@ def _parse_scalar(value: str):
         try:
             return cast(value)
         except ValueError:
-            pass
+            continue  # not this type; try the next
     return value
 
 

@@ -15,7 +15,7 @@ def _triton_interpreter_without_gpu():
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
     except ImportError:
-        pass
+        return  # no torch: nothing to interpret
 
 
 _triton_interpreter_without_gpu()

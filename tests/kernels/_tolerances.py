@@ -69,3 +69,19 @@ def import_without_triton(monkeypatch, module):
     fresh.__package__ = pkg  # its relative imports resolve inside chatterbox_rt.kernels
     spec.loader.exec_module(fresh)
     return fresh
+
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # Triton kernels run on CPU tensors under the interpreter
+
+
+def triton_marks(has_triton: bool) -> list:
+    """pytestmark for a Triton kernel's test module: skip without triton, or without both a GPU and
+    the interpreter (tests/conftest.py turns it on when there is no GPU)."""
+    import os
+
+    import pytest
+
+    return [pytest.mark.skipif(not has_triton, reason="triton is not installed"),
+            pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                               reason="no GPU and the Triton interpreter is off")]

@@ -5,22 +5,24 @@ TRITON_INTERPRET=1 before triton is imported).
 NOTE: the interpreter rounds fp32 -> bf16 toward zero, not to nearest, so bf16 results there are
 up to one ulp off the reference; the TOL table's bf16 tolerance covers it.
 """
-import os
 
 import pytest
 import torch
-from _tolerances import DTYPES, TOL, assert_close_dtype, assert_reduction_close, assert_verbose_allclose, import_without_triton
-
+from _tolerances import (
+    CUDA,
+    DEVICE,
+    DTYPES,
+    TOL,
+    assert_close_dtype,
+    assert_reduction_close,
+    assert_verbose_allclose,
+    import_without_triton,
+    triton_marks,
+)
 from chatterbox_rt.kernels import cfg_euler as mod
 from chatterbox_rt.kernels.cfg_euler import cfg_euler, cfg_euler_, cfg_euler_ref, euler, euler_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not mod.HAS_TRITON, reason="triton is not installed"),
-    pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="no GPU and the Triton interpreter is off"),
-]
+pytestmark = triton_marks(mod.HAS_TRITON)
 
 BATCHES = (1, 3)
 CHANNELS = (1, 63, 80, 513)

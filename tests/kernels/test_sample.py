@@ -5,22 +5,14 @@ statistical test uses ``num_samples`` so that thousands of draws (at consecutive
 program per row under the interpreter.
 """
 import math
-import os
 
 import pytest
 import torch
-from _tolerances import TOL, assert_verbose_allclose, import_without_triton
-
+from _tolerances import CUDA, DEVICE, TOL, assert_verbose_allclose, import_without_triton, triton_marks
 from chatterbox_rt.kernels import sample as mod
 from chatterbox_rt.kernels.sample import MAX_V, processed_probs_ref, sample, sample_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not mod.HAS_TRITON, reason="triton is not installed"),
-    pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="no GPU and the Triton interpreter is off"),
-]
+pytestmark = triton_marks(mod.HAS_TRITON)
 
 NOOP = dict(temperature=1.0, top_p=1.0, min_p=0.0, top_k=0, repetition_penalty=1.0)
 PARAMS = {

@@ -169,6 +169,15 @@ class T3Config:
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
+def smaller_backbone(variant: str, **backbone_changes) -> dict:
+    """``T3Config.for_variant`` overrides for a cut-down backbone (tests, benchmarks, the CLI's
+    testing aid): the backbone fields replaced, and alignment heads in dropped layers removed."""
+    cfg = T3Config.for_variant(variant)
+    backbone = dataclasses.replace(cfg.backbone, **backbone_changes)
+    return dict(backbone=backbone,
+                alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < backbone.num_layers))
+
+
 _LLAMA_COMMON = dict(
     backbone=BACKBONES["Llama_520M"],
     speech_vocab_size=LLAMA_SPEECH_VOCAB,
