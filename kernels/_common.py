@@ -21,4 +21,4 @@ def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
         return
     raise ValueError(f"{op}: the Triton kernel needs CUDA tensors, got {dev}; CPU tensors run only under "
                      "Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), "
-                     f"otherwise use {op}_ref")
+                     f"otherwise use the dispatched chatterbox_rt.kernels.{op} (any device) or {op}_ref")

@@ -15,7 +15,8 @@ Ops and shapes (``--mel-frames`` T = 500, i.e. 10 s of 24 kHz audio):
   then ``_istft`` (clip, complex, ``torch.istft``) and the clamp.
 * ``cfg_euler``: one CFM Euler step with CFG, x ``[B, 80, 2T]`` (prompt + generated mel), v ``[2B, 80, 2T]``,
   B = 1 and 4. Eager: ``cfm._solve_euler_cfg``'s update ``x + (r - t) ((1 + w) v_c - w v_u)`` and the two
-  copies into the next step's estimator input ``x_in``; fused: ``cfg_euler_`` (in place, writes x_in).
+  copies into the next step's estimator input ``x_in``; fused: ``cfg_euler_triton_`` / ``_native.cfg_euler_``
+  (in place, writes x_in).
 * ``sample``: one T3 draw, chatterbox (CFG, logits ``[2R, 8194]``, llama chain) and turbo (``[R, 6563]``,
   gpt chain) at R = 1 and 8, the variants' default sampling parameters. Eager: ``t3.py``'s per-step lines
   (cfg_combine, process_*, softmax, ``sample_no_sync``, the dead-row where). fp32 only: T3 upcasts logits.
@@ -64,7 +65,7 @@ from typing import Callable, Optional
 import torch
 
 from chatterbox_rt.kernels import _native
-from chatterbox_rt.kernels.cfg_euler import HAS_TRITON
+from chatterbox_rt.kernels.cfg_euler_op import HAS_TRITON
 from chatterbox_rt.models.s3gen.cfm import FlowConfig, time_span
 from chatterbox_rt.models.s3gen.hift import HiFTConfig, hann_window
 from chatterbox_rt.models.t3.config import T3Config
@@ -138,7 +139,7 @@ def _rand(shape, dtype, device, gen, scale=1.0):
 
 
 def snake_cases(T: int, dtypes, device, have) -> list:
-    from chatterbox_rt.kernels.snake import SNAKE_EPS, snake_ref
+    from chatterbox_rt.kernels.snake_op import SNAKE_EPS, snake_ref
 
     hc = HiFTConfig()
     cases, length = [], T
@@ -157,15 +158,15 @@ def snake_cases(T: int, dtypes, device, have) -> list:
                 backends["cpp" if device.type == "cpu" else "cuda"] = \
                     lambda d: _native.snake(d["x"], d["alpha"], SNAKE_EPS)
             if "triton" in have:
-                from chatterbox_rt.kernels.snake import snake
-                backends["triton"] = lambda d: snake(d["x"], d["alpha"], SNAKE_EPS)
+                from chatterbox_rt.kernels.snake_op import snake_triton
+                backends["triton"] = lambda d: snake_triton(d["x"], d["alpha"], SNAKE_EPS)
             n = C * L
             cases.append(Case("snake", f"[1, {C}, {L}]", dt, make, backends, 2 * n * _esize(dt)))
     return cases
 
 
 def istft_cases(T: int, dtypes, device, have) -> list:
-    from chatterbox_rt.kernels.istft import istft_ref
+    from chatterbox_rt.kernels.istft_op import istft_ref
 
     hc = HiFTConfig()
     F = hc.upsample_factor * T + 1
@@ -182,8 +183,8 @@ def istft_cases(T: int, dtypes, device, have) -> list:
         if "cpp" in have or "cuda" in have:
             backends["cpp" if device.type == "cpu" else "cuda"] = lambda d: _native.istft(d["spec"], d["window"], **kw)
         if "triton" in have:
-            from chatterbox_rt.kernels.istft import istft
-            backends["triton"] = lambda d: istft(d["spec"], d["window"], **kw)
+            from chatterbox_rt.kernels.istft_op import istft_triton
+            backends["triton"] = lambda d: istft_triton(d["spec"], d["window"], **kw)
         nbytes = C * F * _esize(dt) + hc.hop * (F - 1) * 4  # spec in, fp32 waveform out
         cases.append(Case("istft", f"[1, {C}, {F}]", dt, make, backends, nbytes))
     return cases
@@ -220,10 +221,10 @@ def cfg_euler_cases(T: int, dtypes, device, have) -> list:
                     return d["x_in"]
                 backends["cpp" if device.type == "cpu" else "cuda"] = native
             if "triton" in have:
-                from chatterbox_rt.kernels.cfg_euler import cfg_euler_
+                from chatterbox_rt.kernels.cfg_euler_op import cfg_euler_triton_
 
                 def fused(d):
-                    cfg_euler_(d["x"], d["v"], d["dts"][step], w, d["x_in"])
+                    cfg_euler_triton_(d["x"], d["v"], d["dts"][step], w, d["x_in"])
                     return d["x_in"]
                 backends["triton"] = fused
             n = B * fc.mel_bins * L
@@ -272,9 +273,10 @@ def sample_cases(dtypes, device, have) -> list:
 
             backends = {"eager": eager}
             if "triton" in have:
-                from chatterbox_rt.kernels.sample import sample
+                from chatterbox_rt.kernels.sample_op import sample_triton
 
-                backends["triton"] = lambda d, sp=sp: sample(d["logits"], d["seen"], seed=0, offset=d["offset"], **sp)
+                backends["triton"] = lambda d, sp=sp: sample_triton(d["logits"], d["seen"], seed=0, offset=d["offset"],
+                                                                    **sp)
             nbytes = rows * V * 4 + R * V + R * 8  # fp32 logits and the bool history in, tokens out
             cases.append(Case("sample", f"{variant} [{rows}, {V}] R={R}", torch.float32, make, backends, nbytes,
                               exact=False))

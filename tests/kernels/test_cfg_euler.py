@@ -1,4 +1,5 @@
-"""cfg_euler / cfg_euler_ / euler against their torch references and the CFM loop's own update.
+"""The Triton launchers cfg_euler_triton / cfg_euler_triton_ / euler_triton (kernels/cfg_euler_op.py)
+against their torch references and the CFM loop's own update.
 
 Runs on CUDA when present, else on CPU under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported).
@@ -19,8 +20,14 @@ from _tolerances import (
     import_without_triton,
     triton_marks,
 )
-from chatterbox_rt.kernels import cfg_euler as mod
-from chatterbox_rt.kernels.cfg_euler import cfg_euler, cfg_euler_, cfg_euler_ref, euler, euler_ref
+from chatterbox_rt.kernels import cfg_euler_op as mod
+from chatterbox_rt.kernels.cfg_euler_op import (
+    cfg_euler_ref,
+    cfg_euler_triton,
+    cfg_euler_triton_,
+    euler_ref,
+    euler_triton,
+)
 
 pytestmark = triton_marks(mod.HAS_TRITON)
 
@@ -62,7 +69,7 @@ def _model_update(x, v, t_span, k, w):
 def test_cfg_euler_matches_ref(B, C, T, dtype, dt_kind):
     x, v = _inputs(B, C, T, dtype)
     dt = _dt(dt_kind, dtype)
-    out = cfg_euler(x, v, dt, CFG_RATE)
+    out = cfg_euler_triton(x, v, dt, CFG_RATE)
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     assert_close_dtype(out, cfg_euler_ref(x, v, dt, CFG_RATE, upcast=True), name="cfg_euler vs fp32 ref")
 
@@ -77,7 +84,7 @@ def test_cfg_euler_equals_model_update(dtype):
     x, v = _inputs(3, 80, 257, dtype, seed=1)
     t_span = T_SPAN.to(DEVICE, dtype)
     for k in range(len(T_SPAN) - 1):
-        out = cfg_euler(x, v, t_span.diff()[k], CFG_RATE)
+        out = cfg_euler_triton(x, v, t_span.diff()[k], CFG_RATE)
         model = _model_update(x, v, t_span, k, CFG_RATE)
         if dtype == torch.float32:
             assert_close_dtype(out, model, name=f"step {k}")
@@ -92,10 +99,10 @@ def test_cfg_euler_inplace_writes_x_and_both_halves(B, dtype):
     C, T = 80, 257
     x, v = _inputs(B, C, T, dtype, seed=2)
     t_span = T_SPAN.to(DEVICE, dtype)
-    want = cfg_euler(x, v, t_span.diff()[0], CFG_RATE)
+    want = cfg_euler_triton(x, v, t_span.diff()[0], CFG_RATE)
     x_in = torch.full((2 * B, C, T), float("nan"), device=DEVICE, dtype=dtype)
     ptr = x.data_ptr()
-    ret = cfg_euler_(x, v, t_span.diff()[0], CFG_RATE, x_in)
+    ret = cfg_euler_triton_(x, v, t_span.diff()[0], CFG_RATE, x_in)
     assert ret is x and x.data_ptr() == ptr
     assert torch.equal(x, want)
     assert torch.equal(x_in[:B], x) and torch.equal(x_in[B:], x)
@@ -123,7 +130,7 @@ def test_cfg_euler_inplace_loop_matches_model_loop():
     x_in[B:] = x
     dts = t_span.diff()
     for k in range(len(T_SPAN) - 1):
-        cfg_euler_(x, estimator(x_in, t_span[k]), dts[k], CFG_RATE, x_in)
+        cfg_euler_triton_(x, estimator(x_in, t_span[k]), dts[k], CFG_RATE, x_in)
     assert_close_dtype(x, x_ref, name="x after 3 steps")
 
 
@@ -135,7 +142,7 @@ def test_euler_meanflow(B, C, T, dtype, dt_kind):
     x, v2 = _inputs(B, C, T, dtype, seed=4)
     v = v2[:B].contiguous()
     dt = _dt(dt_kind, dtype, k=2)
-    out = euler(x, v, dt)
+    out = euler_triton(x, v, dt)
     assert_close_dtype(out, euler_ref(x, v, dt, upcast=True), name="euler vs fp32 ref")
     t_span = T_SPAN.to(DEVICE, dtype)
     t, r = t_span[2][None], t_span[3][None]  # CausalCFM._basic_euler's update, verbatim
@@ -151,13 +158,13 @@ def test_out_and_in_place_aliasing():
     x, v = _inputs(3, 80, 7, torch.float32, seed=5)
     want = cfg_euler_ref(x, v, 0.25, CFG_RATE)
     out = torch.empty_like(x)
-    assert cfg_euler(x, v, 0.25, CFG_RATE, out=out) is out
+    assert cfg_euler_triton(x, v, 0.25, CFG_RATE, out=out) is out
     assert_close_dtype(out, want)
     y = x.clone()
-    cfg_euler(y, v, 0.25, CFG_RATE, out=y)
+    cfg_euler_triton(y, v, 0.25, CFG_RATE, out=y)
     assert_close_dtype(y, want)
     y = x.clone()
-    euler(y, v[:3].contiguous(), 0.25, out=y)
+    euler_triton(y, v[:3].contiguous(), 0.25, out=y)
     assert_close_dtype(y, euler_ref(x, v[:3], 0.25))
 
 
@@ -165,7 +172,7 @@ def test_dt_one_element_tensor_shapes():
     x, v = _inputs(1, 80, 7, torch.float16, seed=6)
     for dt in (torch.tensor(0.3, device=DEVICE), torch.tensor([0.3], device=DEVICE),
                torch.tensor([[0.3]], device=DEVICE, dtype=torch.float64)):
-        assert_verbose_allclose(cfg_euler(x, v, dt, CFG_RATE), cfg_euler_ref(x, v, 0.3, CFG_RATE),
+        assert_verbose_allclose(cfg_euler_triton(x, v, dt, CFG_RATE), cfg_euler_ref(x, v, 0.3, CFG_RATE),
                                 **TOL[torch.float16])
 
 
@@ -173,23 +180,23 @@ def test_bad_inputs_raise():
     B, C, T = 2, 80, 7
     x, v = _inputs(B, C, T, torch.float32)
     with pytest.raises(ValueError, match=r"v must be \[2B, C, T\]"):
-        cfg_euler(x, v[:B].contiguous(), 0.1, CFG_RATE)
+        cfg_euler_triton(x, v[:B].contiguous(), 0.1, CFG_RATE)
     with pytest.raises(ValueError, match=r"v must be \[2B, C, T\]"):
-        cfg_euler(x, v[:, :C - 1].contiguous(), 0.1, CFG_RATE)
+        cfg_euler_triton(x, v[:, :C - 1].contiguous(), 0.1, CFG_RATE)
     with pytest.raises(ValueError, match=r"v must be \[2B, C, T\]"):
-        cfg_euler(x, v[..., :T - 1].contiguous(), 0.1, CFG_RATE)
+        cfg_euler_triton(x, v[..., :T - 1].contiguous(), 0.1, CFG_RATE)
     with pytest.raises(ValueError, match=r"v must be \[B, C, T\]"):
-        euler(x, v, 0.1)
+        euler_triton(x, v, 0.1)
     with pytest.raises(ValueError, match=r"x must be \[B, C, T\]"):
-        cfg_euler(x[0], v[0], 0.1, CFG_RATE)
+        cfg_euler_triton(x[0], v[0], 0.1, CFG_RATE)
     with pytest.raises(ValueError, match="x_in must be"):
-        cfg_euler_(x, v, 0.1, CFG_RATE, torch.empty(B, C, T, device=DEVICE))
+        cfg_euler_triton_(x, v, 0.1, CFG_RATE, torch.empty(B, C, T, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
-        cfg_euler(x, v, 0.1, CFG_RATE, out=torch.empty(B, C, T, device=DEVICE, dtype=torch.float16))
+        cfg_euler_triton(x, v, 0.1, CFG_RATE, out=torch.empty(B, C, T, device=DEVICE, dtype=torch.float16))
     with pytest.raises(ValueError, match="one element"):
-        cfg_euler(x, v, torch.tensor([0.1, 0.2], device=DEVICE), CFG_RATE)
+        cfg_euler_triton(x, v, torch.tensor([0.1, 0.2], device=DEVICE), CFG_RATE)
     with pytest.raises(ValueError, match="contiguous"):
-        cfg_euler(x.transpose(1, 2).contiguous().transpose(1, 2), v, 0.1, CFG_RATE)
+        cfg_euler_triton(x.transpose(1, 2).contiguous().transpose(1, 2), v, 0.1, CFG_RATE)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter refusal")
@@ -197,7 +204,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x, v = _inputs(1, 4, 3, torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        cfg_euler(x, v, 0.1, CFG_RATE)
+        cfg_euler_triton(x, v, 0.1, CFG_RATE)
 
 
 def test_imports_and_refuses_cleanly_without_triton(monkeypatch):
@@ -206,7 +213,7 @@ def test_imports_and_refuses_cleanly_without_triton(monkeypatch):
     x, v = _inputs(1, 4, 3, torch.float32)
     assert_close_dtype(fresh.cfg_euler_ref(x, v, 0.1, CFG_RATE), cfg_euler_ref(x, v, 0.1, CFG_RATE))
     with pytest.raises(RuntimeError, match="pip install triton"):
-        fresh.cfg_euler(x, v, 0.1, CFG_RATE)
+        fresh.cfg_euler_triton(x, v, 0.1, CFG_RATE)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -217,18 +224,18 @@ def test_cuda_real_size_and_graph_capture(dtype):
     B, C, T = 2, 80, 500
     x, v = _inputs(B, C, T, dtype, seed=7)
     t_span = T_SPAN.to(DEVICE, dtype)
-    assert_close_dtype(cfg_euler(x, v, t_span.diff()[1], CFG_RATE), _model_update(x, v, t_span, 1, CFG_RATE))
+    assert_close_dtype(cfg_euler_triton(x, v, t_span.diff()[1], CFG_RATE), _model_update(x, v, t_span, 1, CFG_RATE))
 
     dt = torch.zeros(1, device=DEVICE, dtype=dtype)
     xs, x_in = x.clone(), torch.empty(2 * B, C, T, device=DEVICE, dtype=dtype)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cfg_euler_(xs, v, dt, CFG_RATE, x_in)  # warm-up compiles outside the capture
+        cfg_euler_triton_(xs, v, dt, CFG_RATE, x_in)  # warm-up compiles outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cfg_euler_(xs, v, dt, CFG_RATE, x_in)
+        cfg_euler_triton_(xs, v, dt, CFG_RATE, x_in)
     for step in (0.1, 0.25):
         xs.copy_(x)
         dt.fill_(step)

@@ -1,4 +1,5 @@
-"""kernels/istft.py against its torch reference, and the reference against HiFT's own head.
+"""kernels/istft_op.py (the Triton launcher ``istft_triton``) against its torch reference, and the
+reference against HiFT's own head.
 
 The op reduces (inverse DFT, overlap-add), so low-precision inputs follow flash-attention's rule
 against the fp32 reference (``assert_reduction_close``); fp32 inputs are held to a tight tolerance.
@@ -8,8 +9,8 @@ Runs on CPU under Triton's interpreter (tests/conftest.py); ``TestIstftCUDA`` ru
 import pytest
 import torch
 
-from chatterbox_rt.kernels import istft as istft_mod
-from chatterbox_rt.kernels.istft import HAS_TRITON, istft, istft_ref
+from chatterbox_rt.kernels import istft_op as istft_mod
+from chatterbox_rt.kernels.istft_op import HAS_TRITON, istft_ref, istft_triton
 from chatterbox_rt.models.s3gen.hift import HiFTConfig, hann_window
 
 from _tolerances import DTYPES, assert_reduction_close, assert_verbose_allclose, import_without_triton
@@ -49,10 +50,9 @@ def _mixed_lengths(B, F):
 @pytest.mark.parametrize("F", FRAMES)
 def test_istft_fp32(F, B):
     spec, w = _spec(B, F), _window()
-    out = istft(spec, w)
+    out = istft_triton(spec, w)
     assert out.dtype == torch.float32 and out.shape == (B, HOP * (F - 1))
-    if F > 1:  # torch.istft cannot make an empty signal
-        assert_verbose_allclose(out, istft_ref(spec, w), **FP32_TOL)
+    assert_verbose_allclose(out, istft_ref(spec, w), **FP32_TOL)  # F = 1: both [B, 0]
 
 
 @needs_triton
@@ -60,7 +60,7 @@ def test_istft_fp32(F, B):
 @pytest.mark.parametrize("F", FRAMES[1:])
 def test_istft_low_precision(F, dtype):
     spec, w = _spec(3, F, dtype), _window()
-    out = istft(spec, w)
+    out = istft_triton(spec, w)
     assert_reduction_close(out, istft_ref(spec, w, upcast=True), istft_ref(spec, w))
 
 
@@ -70,7 +70,7 @@ def test_istft_low_precision(F, dtype):
 def test_istft_n_frames(F, dtype):
     spec, w = _spec(3, F, dtype), _window()
     n_frames = _mixed_lengths(3, F)
-    out = istft(spec, w, n_frames=n_frames)
+    out = istft_triton(spec, w, n_frames=n_frames)
     ref32 = istft_ref(spec, w, n_frames=n_frames, upcast=True)
     assert out.shape == ref32.shape
     if out.numel() == 0:
@@ -87,7 +87,7 @@ def test_istft_n_frames_edge_cases():
     F = 37
     spec, w = _spec(3, F), _window()
     n_frames = torch.tensor([0, F + 5, 9], device=DEVICE, dtype=torch.int32)
-    out = istft(spec, w, n_frames=n_frames)
+    out = istft_triton(spec, w, n_frames=n_frames)
     assert (out[0] == 0).all()
     assert_verbose_allclose(out[1], istft_ref(spec[1:2], w)[0], **FP32_TOL, name="n_frames > F")
     assert_verbose_allclose(out, istft_ref(spec, w, n_frames=n_frames), **FP32_TOL)
@@ -100,7 +100,7 @@ def test_istft_hift_batch():
     n_fr = CFG.upsample_factor * T + 1
     spec = _spec(2, n_fr)
     n_valid = lengths * CFG.upsample_factor + 1
-    out = istft(spec, _window(), n_frames=n_valid)
+    out = istft_triton(spec, _window(), n_frames=n_valid)
     assert_verbose_allclose(out, istft_ref(spec, _window(), n_frames=n_valid), **FP32_TOL)
 
 
@@ -108,7 +108,7 @@ def test_istft_hift_batch():
 def test_istft_clips_and_clamps():
     """Log-magnitudes up to ~9: exp clips at 100 and the waveform saturates at +-0.99."""
     spec, w = _spec(2, 37, log_mag_shift=5.0), _window()
-    out = istft(spec, w)
+    out = istft_triton(spec, w)
     assert out.abs().max() == pytest.approx(CFG.audio_limit)
     assert_verbose_allclose(out, istft_ref(spec, w), atol=1e-4, rtol=1e-5)  # pre-clamp values reach ~100
 
@@ -120,9 +120,9 @@ def test_istft_non_contiguous():
     spec = torch.cat([wide, wide[:, :2]], dim=1)[:, 1: N_FFT + 3]  # [3, 18, 41], strided view
     w = _window()
     assert not spec.is_contiguous()
-    assert_verbose_allclose(istft(spec, w), istft_ref(spec, w), **FP32_TOL)
+    assert_verbose_allclose(istft_triton(spec, w), istft_ref(spec, w), **FP32_TOL)
     tmajor = spec.transpose(1, 2).contiguous().transpose(1, 2)
-    assert_verbose_allclose(istft(tmajor, w), istft_ref(spec, w), **FP32_TOL, name="time-major")
+    assert_verbose_allclose(istft_triton(tmajor, w), istft_ref(spec, w), **FP32_TOL, name="time-major")
 
 
 @needs_triton
@@ -131,10 +131,10 @@ def test_istft_other_sizes(n_fft, hop):
     g = torch.Generator().manual_seed(2)
     spec = torch.randn(2, n_fft + 2, 23, generator=g).to(DEVICE)
     w = hann_window(n_fft, device=DEVICE)
-    out = istft(spec, w, n_fft, hop)
+    out = istft_triton(spec, w, n_fft, hop)
     assert_verbose_allclose(out, istft_ref(spec, w, n_fft, hop), **FP32_TOL)
     n_frames = torch.tensor([23, 11], device=DEVICE)
-    assert_verbose_allclose(istft(spec, w, n_fft, hop, n_frames=n_frames),
+    assert_verbose_allclose(istft_triton(spec, w, n_fft, hop, n_frames=n_frames),
                             istft_ref(spec, w, n_fft, hop, n_frames=n_frames), **FP32_TOL, name="masked")
 
 
@@ -142,25 +142,25 @@ def test_istft_other_sizes(n_fft, hop):
 def test_istft_bad_inputs(monkeypatch):
     spec, w = _spec(2, 5), _window()
     with pytest.raises(ValueError, match=r"spec must be \[B, n_fft \+ 2, F\]"):
-        istft(spec[0], w)
+        istft_triton(spec[0], w)
     with pytest.raises(ValueError, match="n_fft \\+ 2 = 18 channels"):
-        istft(spec[:, :17], w)
+        istft_triton(spec[:, :17], w)
     with pytest.raises(ValueError, match=r"window must be \[n_fft\] = \[16\]"):
-        istft(spec, w[:8])
+        istft_triton(spec, w[:8])
     with pytest.raises(ValueError, match="n_fft must be even"):
-        istft(spec[:, :17], w[:15], n_fft=15)
+        istft_triton(spec[:, :17], w[:15], n_fft=15)
     with pytest.raises(ValueError, match="hop must be in"):
-        istft(spec, w, hop=0)
+        istft_triton(spec, w, hop=0)
     with pytest.raises(ValueError, match="n_frames must be an integer tensor"):
-        istft(spec, w, n_frames=torch.tensor([5.0, 3.0], device=spec.device))
+        istft_triton(spec, w, n_frames=torch.tensor([5.0, 3.0], device=spec.device))
     with pytest.raises(ValueError, match="n_frames must be an integer tensor"):
-        istft(spec, w, n_frames=torch.tensor([5], device=spec.device))
+        istft_triton(spec, w, n_frames=torch.tensor([5], device=spec.device))
     with pytest.raises(ValueError, match="spec must be a float tensor"):
-        istft(spec.long(), w)
+        istft_triton(spec.long(), w)
     if spec.device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
-            istft(spec, w)
+            istft_triton(spec, w)
 
 
 def test_import_without_triton(monkeypatch):
@@ -168,7 +168,7 @@ def test_import_without_triton(monkeypatch):
     assert mod.HAS_TRITON is False
     x, w = _spec(1, 5, device="cpu"), _window("cpu")
     with pytest.raises(RuntimeError, match="pip install triton"):
-        mod.istft(x, w)
+        mod.istft_triton(x, w)
     assert torch.equal(mod.istft_ref(x, w), istft_ref(x, w))
 
 
@@ -181,16 +181,16 @@ class TestIstftCUDA:
 
     def test_hift_length(self):
         spec, w = _spec(1, self.F, device="cuda"), _window("cuda")
-        assert_verbose_allclose(istft(spec, w), istft_ref(spec, w), **FP32_TOL)
+        assert_verbose_allclose(istft_triton(spec, w), istft_ref(spec, w), **FP32_TOL)
 
     @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
     def test_hift_length_low_precision(self, dtype):
         spec, w = _spec(2, self.F, dtype, "cuda"), _window("cuda")
-        assert_reduction_close(istft(spec, w), istft_ref(spec, w, upcast=True), istft_ref(spec, w))
+        assert_reduction_close(istft_triton(spec, w), istft_ref(spec, w, upcast=True), istft_ref(spec, w))
 
     def test_hift_batch(self):
         lengths = torch.tensor([200, 117, 3], device="cuda")
         spec, w = _spec(3, self.F, device="cuda"), _window("cuda")
         n_valid = lengths * CFG.upsample_factor + 1
-        out = istft(spec, w, n_frames=n_valid)
+        out = istft_triton(spec, w, n_frames=n_valid)
         assert_verbose_allclose(out, istft_ref(spec, w, n_frames=n_valid), **FP32_TOL)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 from _tolerances import CUDA, DEVICE, TOL, assert_verbose_allclose, import_without_triton, triton_marks
-from chatterbox_rt.kernels import sample as mod
-from chatterbox_rt.kernels.sample import MAX_V, processed_probs_ref, sample, sample_ref
+from chatterbox_rt.kernels import sample_op as mod
+from chatterbox_rt.kernels.sample_op import MAX_V, processed_probs_ref, sample_ref, sample_triton
 
 pytestmark = triton_marks(mod.HAS_TRITON)
 
@@ -40,8 +40,8 @@ def _inputs(R, V, cfg, seed=0, scale=3.0, neg_inf=False):
 def _run(logits, seen, order, params, cfg, **kw):
     R, V = seen.shape
     probs = torch.full((R, V), float("nan"), device=seen.device)
-    tok = sample(logits, seen, order=order, cfg_weight=cfg, seed=kw.pop("seed", 1234), offset=kw.pop("offset", 0),
-                 out_probs=probs, **params, **kw)
+    tok = sample_triton(logits, seen, order=order, cfg_weight=cfg, seed=kw.pop("seed", 1234),
+                        offset=kw.pop("offset", 0), out_probs=probs, **params, **kw)
     return tok, probs
 
 
@@ -143,23 +143,23 @@ def test_determinism_and_streams():
     R, V = 3, 1000
     logits, seen = _inputs(R, V, True, seed=9, scale=0.1)  # nearly flat: draws differ between streams
     kw = dict(order="llama", cfg_weight=CFG_WEIGHT, **PARAMS["hot"])
-    a = sample(logits, seen, seed=42, offset=7, num_samples=16, **kw)
-    assert torch.equal(a, sample(logits, seen, seed=42, offset=7, num_samples=16, **kw))
-    assert not torch.equal(a, sample(logits, seen, seed=42, offset=8, num_samples=16, **kw))
-    assert not torch.equal(a, sample(logits, seen, seed=43, offset=7, num_samples=16, **kw))
+    a = sample_triton(logits, seen, seed=42, offset=7, num_samples=16, **kw)
+    assert torch.equal(a, sample_triton(logits, seen, seed=42, offset=7, num_samples=16, **kw))
+    assert not torch.equal(a, sample_triton(logits, seen, seed=42, offset=8, num_samples=16, **kw))
+    assert not torch.equal(a, sample_triton(logits, seen, seed=43, offset=7, num_samples=16, **kw))
     # draw d of a multi-draw call is the single draw at offset + d
     for d in (0, 1, 15):
-        assert torch.equal(a[:, d], sample(logits, seen, seed=42, offset=7 + d, **kw))
+        assert torch.equal(a[:, d], sample_triton(logits, seen, seed=42, offset=7 + d, **kw))
     # device tensors (what a CUDA graph uses) give the same stream as Python ints
     seed_t = torch.tensor([42], device=DEVICE)
-    assert torch.equal(a[:, 3], sample(logits, seen, seed=seed_t, offset=torch.tensor(10, device=DEVICE), **kw))
+    assert torch.equal(a[:, 3], sample_triton(logits, seen, seed=seed_t, offset=torch.tensor(10, device=DEVICE), **kw))
     # per-row offsets: row r draws from its own position in the stream
-    per_row = sample(logits, seen, seed=seed_t, offset=torch.tensor([7, 9, 22], device=DEVICE), **kw)
+    per_row = sample_triton(logits, seen, seed=seed_t, offset=torch.tensor([7, 9, 22], device=DEVICE), **kw)
     assert torch.equal(per_row, torch.stack([a[0, 0], a[1, 2], a[2, 15]]))
     # 64-bit seeds and offsets
-    big = sample(logits, seen, seed=2 ** 40 + 3, offset=2 ** 33 + 1, **kw)
-    assert torch.equal(big, sample(logits, seen, seed=torch.tensor([2 ** 40 + 3], device=DEVICE),
-                                   offset=torch.tensor([2 ** 33 + 1], device=DEVICE), **kw))
+    big = sample_triton(logits, seen, seed=2 ** 40 + 3, offset=2 ** 33 + 1, **kw)
+    assert torch.equal(big, sample_triton(logits, seen, seed=torch.tensor([2 ** 40 + 3], device=DEVICE),
+                                          offset=torch.tensor([2 ** 33 + 1], device=DEVICE), **kw))
 
 
 def _chi2_quantile(df, z):
@@ -185,8 +185,8 @@ def test_draw_frequencies_match_processed_probs(order):
     logits, seen = _inputs(R, V, cfg, seed=21, scale=1.5)
     seen[:, :10] = True
     probs = torch.empty(R, V, device=DEVICE)
-    tok = sample(logits, seen, order=order, cfg_weight=cfg, seed=2024, offset=100, num_samples=N,
-                 out_probs=probs, **params)
+    tok = sample_triton(logits, seen, order=order, cfg_weight=cfg, seed=2024, offset=100, num_samples=N,
+                        out_probs=probs, **params)
     assert tok.shape == (R, N)
     ref = _check_probs(probs, logits, seen, order, params, cfg, "stat")
     raw = torch.softmax(logits[:R].float(), dim=-1)
@@ -227,7 +227,7 @@ def test_bad_inputs_raise():
 
     def bad(match, logits=logits, seen=seen, **over):
         with pytest.raises(ValueError, match=match):
-            sample(logits, seen, **{**ok, **over})
+            sample_triton(logits, seen, **{**ok, **over})
 
     bad("order must be", order="mistral")
     bad("temperature", temperature=0.0)
@@ -252,7 +252,7 @@ def test_bad_inputs_raise():
     bad("num_samples", num_samples=0)
     big = torch.zeros(1, MAX_V + 1, device=DEVICE)
     with pytest.raises(ValueError, match="outside"):
-        sample(big, torch.zeros(1, MAX_V + 1, dtype=torch.bool, device=DEVICE), **{**ok, "cfg_weight": None})
+        sample_triton(big, torch.zeros(1, MAX_V + 1, dtype=torch.bool, device=DEVICE), **{**ok, "cfg_weight": None})
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter refusal")
@@ -260,7 +260,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     logits, seen = _inputs(1, 10, False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        sample(logits, seen, order="gpt", cfg_weight=None, seed=0, offset=0, **NOOP)
+        sample_triton(logits, seen, order="gpt", cfg_weight=None, seed=0, offset=0, **NOOP)
 
 
 def test_imports_and_refuses_cleanly_without_triton(monkeypatch):
@@ -269,7 +269,7 @@ def test_imports_and_refuses_cleanly_without_triton(monkeypatch):
     logits, seen = _inputs(1, 10, False)
     assert fresh.processed_probs_ref(logits, seen, "gpt", cfg_weight=None, **NOOP).shape == (1, 10)
     with pytest.raises(RuntimeError, match="pip install triton"):
-        fresh.sample(logits, seen, order="gpt", cfg_weight=None, seed=0, offset=0, **NOOP)
+        fresh.sample_triton(logits, seen, order="gpt", cfg_weight=None, seed=0, offset=0, **NOOP)
 
 
 # --- CUDA only: T3's real sizes -----------------------------------------------------------------
@@ -298,13 +298,13 @@ def test_cuda_graph_advances_offset_on_device():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        sample(logits, seen, seed=77, offset=offset, out=out, **kw)  # compile outside the capture
+        sample_triton(logits, seen, seed=77, offset=offset, out=out, **kw)  # compile outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sample(logits, seen, seed=77, offset=offset, out=out, **kw)
+        sample_triton(logits, seen, seed=77, offset=offset, out=out, **kw)
         offset.add_(1)
-    want = sample(logits, seen, seed=77, offset=0, num_samples=3, **kw)
+    want = sample_triton(logits, seen, seed=77, offset=0, num_samples=3, **kw)
     for step in range(3):
         graph.replay()
         torch.cuda.synchronize()

@@ -1,4 +1,5 @@
-"""kernels/snake.py against its torch reference, and the reference against the model's Snake.
+"""kernels/snake_op.py (the Triton launcher ``snake_triton``) against its torch reference, and the
+reference against the model's Snake.
 
 Runs on CPU under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU);
 shapes stay small for that. ``TestSnakeCUDA`` runs HiFT-sized shapes on a GPU.
@@ -7,8 +8,8 @@ shapes stay small for that. ``TestSnakeCUDA`` runs HiFT-sized shapes on a GPU.
 import pytest
 import torch
 
-from chatterbox_rt.kernels import snake as snake_mod
-from chatterbox_rt.kernels.snake import HAS_TRITON, snake, snake_ref
+from chatterbox_rt.kernels import snake_op as snake_mod
+from chatterbox_rt.kernels.snake_op import HAS_TRITON, snake_ref, snake_triton
 from chatterbox_rt.models.s3gen.hift import _time_mask
 
 from _tolerances import DTYPES, assert_close_dtype, assert_reduction_close, import_without_triton
@@ -39,7 +40,7 @@ def _length_mask(lengths, T, dtype, device=DEVICE):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_snake(shape, dtype):
     x, alpha = _inputs(shape, dtype)
-    y = snake(x, alpha)
+    y = snake_triton(x, alpha)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close_dtype(y, snake_ref(x, alpha, upcast=True), name="vs fp32 math")
     _assert_no_worse_than_model(y, x, alpha)
@@ -58,7 +59,7 @@ def _assert_no_worse_than_model(y, x, alpha, **kw):
 def test_snake_fp32_alpha(dtype):
     x, alpha = _inputs((3, 63, 77), dtype)
     alpha = alpha.float()
-    assert_close_dtype(snake(x, alpha), snake_ref(x, alpha, upcast=True))
+    assert_close_dtype(snake_triton(x, alpha), snake_ref(x, alpha, upcast=True))
 
 
 @needs_triton
@@ -67,13 +68,14 @@ def test_snake_mask(dtype):
     B, C, T = 3, 5, 301
     x, alpha = _inputs((B, C, T), dtype)
     mask = _length_mask([T, 150, 1], T, dtype)
-    y = snake(x, alpha, mask=mask)
+    y = snake_triton(x, alpha, mask=mask)
     assert_close_dtype(y, snake_ref(x, alpha, upcast=True, mask=mask))
     assert (y[1, :, 150:] == 0).all() and (y[2, :, 1:] == 0).all()  # Snake(0) = 0
-    assert_close_dtype(snake(x, alpha, mask=mask.bool()), y, name="bool mask")
+    assert_close_dtype(snake_triton(x, alpha, mask=mask.bool()), y, name="bool mask")
     one = mask[:1].expand(B, 1, T)  # broadcast over the batch through a 0 stride
-    assert_close_dtype(snake(x, alpha, mask=one), snake_ref(x, alpha, upcast=True, mask=one), name="expanded mask")
-    assert_close_dtype(snake(x, alpha, mask=mask[:1]), snake(x, alpha, mask=one), name="[1, 1, T] mask")
+    assert_close_dtype(snake_triton(x, alpha, mask=one), snake_ref(x, alpha, upcast=True, mask=one),
+                       name="expanded mask")
+    assert_close_dtype(snake_triton(x, alpha, mask=mask[:1]), snake_triton(x, alpha, mask=one), name="[1, 1, T] mask")
 
 
 @needs_triton
@@ -83,49 +85,49 @@ def test_snake_non_contiguous(dtype):
     x = x.transpose(1, 2)  # [1, 63, 301], channels last in memory
     alpha = _inputs((1, 63, 1), dtype)[1]
     assert not x.is_contiguous()
-    assert_close_dtype(snake(x, alpha), snake_ref(x, alpha, upcast=True))
+    assert_close_dtype(snake_triton(x, alpha), snake_ref(x, alpha, upcast=True))
 
 
 @needs_triton
 def test_snake_out():
     x, alpha = _inputs((3, 63, 77), torch.float16)
     out = torch.full_like(x, float("nan"))
-    y = snake(x, alpha, out=out)
+    y = snake_triton(x, alpha, out=out)
     assert y is out
     assert_close_dtype(out, snake_ref(x, alpha, upcast=True))
     with pytest.raises(ValueError, match="out must be"):
-        snake(x, alpha, out=torch.empty_like(x, dtype=torch.float32))
+        snake_triton(x, alpha, out=torch.empty_like(x, dtype=torch.float32))
     with pytest.raises(ValueError, match="out must be"):
-        snake(x, alpha, out=torch.empty(3, 63, 76, dtype=x.dtype, device=x.device))
+        snake_triton(x, alpha, out=torch.empty(3, 63, 76, dtype=x.dtype, device=x.device))
     with pytest.raises(ValueError, match="contiguous"):
-        snake(x, alpha, out=torch.empty(3, 77, 63, dtype=x.dtype, device=x.device).transpose(1, 2))
+        snake_triton(x, alpha, out=torch.empty(3, 77, 63, dtype=x.dtype, device=x.device).transpose(1, 2))
 
 
 @needs_triton
 def test_snake_empty():
     x, alpha = _inputs((2, 5, 0), torch.float32)
-    assert snake(x, alpha).shape == (2, 5, 0)
+    assert snake_triton(x, alpha).shape == (2, 5, 0)
 
 
 @needs_triton
 def test_snake_bad_inputs(monkeypatch):
     x, alpha = _inputs((2, 5, 7), torch.float32)
     with pytest.raises(ValueError, match=r"x must be \[B, C, T\]"):
-        snake(x[0], alpha)
+        snake_triton(x[0], alpha)
     with pytest.raises(ValueError, match=r"alpha must be \[C\] = \[5\]"):
-        snake(x, alpha[:4])
+        snake_triton(x, alpha[:4])
     with pytest.raises(ValueError, match=r"alpha must be \[C\]"):
-        snake(x, alpha[None])
+        snake_triton(x, alpha[None])
     with pytest.raises(ValueError, match="alpha must be x's dtype"):
-        snake(x, alpha.half())
+        snake_triton(x, alpha.half())
     with pytest.raises(ValueError, match="x must be float32/float16/bfloat16"):
-        snake(x.double(), alpha)
+        snake_triton(x.double(), alpha)
     with pytest.raises(ValueError, match=r"mask must be \[B, 1, T\]"):
-        snake(x, alpha, mask=torch.ones(2, 5, 7, device=x.device))
+        snake_triton(x, alpha, mask=torch.ones(2, 5, 7, device=x.device))
     if x.device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
-            snake(x, alpha)
+            snake_triton(x, alpha)
 
 
 def test_import_without_triton(monkeypatch):
@@ -134,7 +136,7 @@ def test_import_without_triton(monkeypatch):
     assert mod.HAS_TRITON is False
     x, alpha = _inputs((1, 2, 3), torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="pip install triton"):
-        mod.snake(x, alpha)
+        mod.snake_triton(x, alpha)
     assert torch.equal(mod.snake_ref(x, alpha), snake_ref(x, alpha))
 
 
@@ -146,7 +148,7 @@ class TestSnakeCUDA:
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_hift_shape(self, dtype):
         x, alpha = _inputs((1, 128, 40000), dtype, "cuda")
-        y = snake(x, alpha)
+        y = snake_triton(x, alpha)
         assert_close_dtype(y, snake_ref(x, alpha, upcast=True))
         _assert_no_worse_than_model(y, x, alpha)
 
@@ -154,10 +156,10 @@ class TestSnakeCUDA:
     def test_hift_shape_masked(self, dtype):
         x, alpha = _inputs((3, 128, 24001), dtype, "cuda")
         mask = _length_mask([24001, 12000, 7], 24001, dtype, "cuda")
-        assert_close_dtype(snake(x, alpha, mask=mask), snake_ref(x, alpha, upcast=True, mask=mask))
+        assert_close_dtype(snake_triton(x, alpha, mask=mask), snake_ref(x, alpha, upcast=True, mask=mask))
 
     def test_large_arguments(self):
         """tl.sin over a wide range of alpha * x (a fast-math sin would drift here)."""
         x = torch.linspace(-200, 200, 40001, device="cuda").repeat(1, 4, 1)
         alpha = torch.tensor([0.1, 1.0, 3.0, 10.0], device="cuda")
-        assert_close_dtype(snake(x, alpha), snake_ref(x, alpha), name="fp32, |alpha x| up to 2000")
+        assert_close_dtype(snake_triton(x, alpha), snake_ref(x, alpha), name="fp32, |alpha x| up to 2000")

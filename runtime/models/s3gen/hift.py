@@ -392,7 +392,7 @@ class HiFTGenerator(nn.Module):
             x = xs / n_k
         x = self.conv_post(F.leaky_relu(x, c.post_lrelu_slope))  # [B, 18, 120 T + 1]
         # magnitude = exp(x[:, :9]) clipped at 1e2, phase = sin(x[:, 9:]) (sin of a phase: redundant,
-        # but it is what was trained), inverse STFT in fp32 and the clamp: one fused op (kernels/istft.py).
+        # but it is what was trained), inverse STFT in fp32 and the clamp: one fused op (kernels/istft_op.py).
         # A padded batch's frame mask is passed as valid frame counts (torch.istft's envelope would
         # otherwise include a shorter request's padding frames).
         n_valid = None if lengths is None else lengths.to(x.device) * c.upsample_factor + 1

@@ -1,4 +1,5 @@
-"""Snake activation, per channel, as HiFT's resblocks use it.
+"""Snake activation, per channel, as HiFT's resblocks use it: the Triton launcher ``snake_triton`` and
+the plain-torch ``snake_ref`` (the dispatched op is ``chatterbox_rt.kernels.snake``).
 
     y = x + 1 / (alpha + eps) * sin(alpha * x)^2          x: [B, C, T], alpha: [C]
 
@@ -102,14 +103,16 @@ def _launch_config(T: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor, eps: float = SNAKE_EPS, out: Optional[torch.Tensor] = None,
-          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Snake of ``x [B, C, T]`` with per-channel ``alpha [C]`` (fp32 math, stored in x's dtype).
+def snake_triton(x: torch.Tensor, alpha: torch.Tensor, eps: float = SNAKE_EPS, out: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton launcher: Snake of ``x [B, C, T]`` with per-channel ``alpha [C]`` (fp32 math, stored
+    in x's dtype). ``chatterbox_rt.kernels.snake`` is the dispatched op that runs anywhere.
 
     ``mask [B, 1, T]`` (optional, any dtype, may be expanded over B): computes ``snake(x * mask)``.
     ``out``: a preallocated contiguous ``[B, C, T]`` output in x's dtype on x's device."""
     if not HAS_TRITON:
-        raise RuntimeError("snake: the Triton kernel needs triton (pip install triton); use snake_ref instead")
+        raise RuntimeError("snake: the Triton kernel needs triton (pip install triton); use snake_ref or "
+                           "the dispatched chatterbox_rt.kernels.snake instead")
     if x.dim() != 3:
         raise ValueError(f"snake: x must be [B, C, T], got shape {tuple(x.shape)}")
     B, C, T = x.shape
@@ -157,4 +160,4 @@ def snake(x: torch.Tensor, alpha: torch.Tensor, eps: float = SNAKE_EPS, out: Opt
     return y
 
 
-__all__ = ["snake", "snake_ref", "HAS_TRITON", "SNAKE_EPS"]
+__all__ = ["snake_triton", "snake_ref", "HAS_TRITON", "SNAKE_EPS"]

@@ -1,4 +1,6 @@
-"""One Euler step of the S3Gen flow-matching ODE, with classifier-free guidance fused in.
+"""One Euler step of the S3Gen flow-matching ODE, with classifier-free guidance fused in: the Triton
+launchers ``cfg_euler_triton``, ``cfg_euler_triton_`` (in place) and ``euler_triton``, and the plain-torch
+``cfg_euler_ref`` / ``euler_ref`` (the dispatched ops are ``chatterbox_rt.kernels.cfg_euler`` etc.).
 
 The math (CosyVoice ``flow_matching.py::ConditionalCFM.solve_euler``, as kept by the reference
 chatterbox-tts 0.1.7 and by ``runtime/models/s3gen/cfm.py``)::
@@ -10,7 +12,7 @@ and the meanflow form without guidance (``CausalCFM._basic_euler``): ``x_new = x
 
 Torch spends four elementwise kernels (two scales, a subtraction, the axpy) plus two copies into
 the batch-2B estimator input per step; here it is one pass: read x, v_cond, v_uncond, write x_new
-(and, for ``cfg_euler_``, the two halves of the next step's estimator input ``x_in``).
+(and, for ``cfg_euler_triton_``, the two halves of the next step's estimator input ``x_in``).
 
 ``dt`` may be a Python float or a one-element tensor on the device: the CFM loop keeps ``t_span``
 on the device, so the kernel loads dt itself and the host never waits for the GPU. Precompute the
@@ -106,7 +108,7 @@ _interpreting = interpreting
 def _check_tensor(name: str, t: Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("cfg_euler needs Triton, which failed to import: `pip install triton` "
-                           "(or use cfg_euler_ref / the model's plain-torch path)")
+                           "(or use the dispatched chatterbox_rt.kernels.cfg_euler / cfg_euler_ref)")
     if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreting()):
         raise ValueError(f"{name} is on {t.device}: the Triton kernel takes CUDA tensors, or CPU tensors "
                          "only under the interpreter (TRITON_INTERPRET=1 set before triton is imported)")
@@ -158,8 +160,9 @@ def _launch(x: Tensor, v: Tensor, dt: Dt, cfg_rate: Optional[float], out: Tensor
     return out
 
 
-def cfg_euler(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, out: Optional[Tensor] = None) -> Tensor:
-    """``x + dt * ((1 + cfg_rate) * v[:B] - cfg_rate * v[B:])`` -> ``[B, C, T]`` in ``x.dtype``.
+def cfg_euler_triton(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, out: Optional[Tensor] = None) -> Tensor:
+    """The Triton launcher of ``chatterbox_rt.kernels.cfg_euler``:
+    ``x + dt * ((1 + cfg_rate) * v[:B] - cfg_rate * v[B:])`` -> ``[B, C, T]`` in ``x.dtype``.
 
     x: ``[B, C, T]``; v: ``[2B, C, T]`` (conditional rows first); dt: float or one-element device
     tensor (no host sync). ``out`` may be ``x`` itself."""
@@ -168,9 +171,10 @@ def cfg_euler(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, out: Optional[Tenso
     return _launch(x, v, dt, float(cfg_rate), out, None)
 
 
-def cfg_euler_(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, x_in: Tensor) -> Tensor:
-    """In place: ``x <- x + dt * v_cfg`` and ``x_in[:B] = x_in[B:] = x`` (the next step's estimator
-    input, so the CFM loop makes no copies). Returns ``x``.
+def cfg_euler_triton_(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, x_in: Tensor) -> Tensor:
+    """The Triton launcher of ``chatterbox_rt.kernels.cfg_euler_``, in place: ``x <- x + dt * v_cfg``
+    and ``x_in[:B] = x_in[B:] = x`` (the next step's estimator input, so the CFM loop makes no
+    copies). Returns ``x``.
 
     ``x`` may itself be the view ``x_in[:B]``: every element is read before the same program
     writes it.
@@ -180,8 +184,12 @@ def cfg_euler_(x: Tensor, v: Tensor, dt: Dt, cfg_rate: float, x_in: Tensor) -> T
     return _launch(x, v, dt, float(cfg_rate), x, x_in)
 
 
-def euler(x: Tensor, v: Tensor, dt: Dt, out: Optional[Tensor] = None) -> Tensor:
-    """Meanflow step ``x + dt * v`` -> ``[B, C, T]`` in ``x.dtype``; v: ``[B, C, T]``."""
+def euler_triton(x: Tensor, v: Tensor, dt: Dt, out: Optional[Tensor] = None) -> Tensor:
+    """The Triton launcher of ``chatterbox_rt.kernels.euler``: meanflow step ``x + dt * v`` ->
+    ``[B, C, T]`` in ``x.dtype``; v: ``[B, C, T]``."""
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return _launch(x, v, dt, None, out, None)
+
+
+__all__ = ["HAS_TRITON", "cfg_euler_ref", "cfg_euler_triton", "cfg_euler_triton_", "euler_ref", "euler_triton"]

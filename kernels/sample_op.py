@@ -1,5 +1,7 @@
 """T3's per-step token sampling for R requests in one kernel launch: logits -> processed
-probabilities -> one token per request, with no host sync (CUDA-graph safe).
+probabilities -> one token per request, with no host sync (CUDA-graph safe). The Triton launcher is
+``sample_triton``, the plain-torch forms ``sample_ref`` / ``processed_probs_ref``; the dispatched op
+(Triton where it can run, else ``sample_ref``) is ``chatterbox_rt.kernels.sample``.
 
 The chain is ``runtime/models/t3/sampling.py``'s (the reference's transformers 5.2.0 logits
 processors, op for op), after an optional CFG combine ``cond + w * (cond - uncond)``:
@@ -113,7 +115,7 @@ def sample_ref(logits: Tensor, seen: Tensor, *, order: str, temperature: float, 
                top_k: int, repetition_penalty: float, cfg_weight: Optional[float], seed: IntOrTensor,
                offset: IntOrTensor, out_probs: Optional[Tensor] = None, upcast: bool = True) -> Tensor:
     """Plain torch: the reference chain, then torch's exponential race from a generator seeded by
-    (seed, offset). Same distribution as ``sample``, not the same stream. Reads tensor seeds on the
+    (seed, offset). Same distribution as ``sample_triton``, not the same stream. Reads tensor seeds on the
     host (syncs). Dead rows (all filtered) give token -1, as the kernel."""
     from chatterbox_rt.models.t3.sampling import sample_no_sync
 
@@ -291,27 +293,10 @@ def _rng_arg(name: str, value: IntOrTensor, R: int, device: torch.device):
     return None, value, 0
 
 
-def sample(logits: Tensor, seen: Tensor, *, order: str, temperature: float, top_p: float, min_p: float,
-           top_k: int, repetition_penalty: float, cfg_weight: Optional[float], seed: IntOrTensor,
-           offset: IntOrTensor, out_probs: Optional[Tensor] = None, out: Optional[Tensor] = None,
-           num_samples: int = 1) -> Tensor:
-    """One token per request -> int64 ``[R]`` (``-1`` for a row with nothing left), no host sync.
-
-    logits: ``[2R, V]`` (conditional rows, then unconditional; combined with ``cfg_weight``) or
-    ``[R, V]`` (``cfg_weight`` None or 0). seen: bool ``[R, V]``. order: "llama" or "gpt" (see the
-    module docstring). seed, offset: Python ints or int64 device tensors of 1 or R elements.
-    out_probs: optional fp32 ``[R, V]`` that receives the processed probabilities. out: optional
-    int64 ``[R]`` for the tokens (graph capture with a fixed output buffer).
-
-    ``num_samples > 1`` returns ``[R, num_samples]`` independent draws from the same processed
-    probabilities; draw ``d`` is exactly the token a call with ``offset + d`` returns (tests use it
-    for thousands of draws in one program under the interpreter; also best-of-n)."""
-    if not HAS_TRITON:
-        raise RuntimeError("sample needs Triton, which failed to import: `pip install triton` "
-                           "(or use chatterbox_rt.models.t3.sampling / sample_ref)")
+def check_inputs(logits: Tensor, seen: Tensor, order: str, cfg_weight: Optional[float]) -> tuple[int, int, bool]:
+    """The argument rules every form of ``sample`` shares -> (R, V, whether the logits carry CFG rows)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    p = _params(temperature, top_p, min_p, top_k, repetition_penalty, cfg_weight)
     if seen.dim() != 2 or seen.dtype != torch.bool:
         raise ValueError(f"seen must be a bool [R, V] tensor, got {seen.dtype} {tuple(seen.shape)}")
     R, V = seen.shape
@@ -325,6 +310,30 @@ def sample(logits: Tensor, seen: Tensor, *, order: str, temperature: float, top_
         raise ValueError(f"cfg_weight={cfg_weight} needs [2R, V] logits (conditional rows first), got [R, V]")
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    return R, V, use_cfg
+
+
+def sample_triton(logits: Tensor, seen: Tensor, *, order: str, temperature: float, top_p: float, min_p: float,
+                  top_k: int, repetition_penalty: float, cfg_weight: Optional[float], seed: IntOrTensor,
+                  offset: IntOrTensor, out_probs: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                  num_samples: int = 1) -> Tensor:
+    """The Triton launcher of ``chatterbox_rt.kernels.sample``: one token per request -> int64 ``[R]``
+    (``-1`` for a row with nothing left), no host sync.
+
+    logits: ``[2R, V]`` (conditional rows, then unconditional; combined with ``cfg_weight``) or
+    ``[R, V]`` (``cfg_weight`` None or 0). seen: bool ``[R, V]``. order: "llama" or "gpt" (see the
+    module docstring). seed, offset: Python ints or int64 device tensors of 1 or R elements.
+    out_probs: optional fp32 ``[R, V]`` that receives the processed probabilities. out: optional
+    int64 ``[R]`` for the tokens (graph capture with a fixed output buffer).
+
+    ``num_samples > 1`` returns ``[R, num_samples]`` independent draws from the same processed
+    probabilities; draw ``d`` is exactly the token a call with ``offset + d`` returns (tests use it
+    for thousands of draws in one program under the interpreter; also best-of-n)."""
+    if not HAS_TRITON:
+        raise RuntimeError("sample needs Triton, which failed to import: `pip install triton` "
+                           "(or use the dispatched chatterbox_rt.kernels.sample / sample_ref)")
+    R, V, use_cfg = check_inputs(logits, seen, order, cfg_weight)
+    p = _params(temperature, top_p, min_p, top_k, repetition_penalty, cfg_weight)
     if V > MAX_V or V < 1:
         raise ValueError(f"V={V} is outside [1, {MAX_V}]: the kernel keeps a row in one block")
     if R * V >= 2 ** 32:
@@ -382,4 +391,4 @@ def sample(logits: Tensor, seen: Tensor, *, order: str, temperature: float, top_
     return out
 
 
-__all__ = ["HAS_TRITON", "ORDERS", "sample", "sample_ref", "processed_probs_ref"]
+__all__ = ["HAS_TRITON", "ORDERS", "sample_triton", "sample_ref", "processed_probs_ref"]

@@ -1,4 +1,6 @@
-"""HiFT's head: conv_post output -> waveform, in one launch (magnitude/phase, iSTFT, clamp).
+"""HiFT's head: conv_post output -> waveform, in one launch (magnitude/phase, iSTFT, clamp): the
+Triton launcher ``istft_triton`` and the plain-torch ``istft_ref`` (the dispatched op is
+``chatterbox_rt.kernels.istft``).
 
 ``runtime/models/s3gen/hift.py`` ``HiFTGenerator.decode``/``_istft`` (reference chatterbox-tts
 0.1.7 ``hifigan.HiFTGenerator._istft``, from iSTFTNet, arXiv 2203.02395), for
@@ -59,7 +61,14 @@ def istft_ref(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: in
     """The model's ops from ``conv_post``'s output to the clamp (``decode`` + ``_istft``), in torch.
 
     ``n_frames [B]``: valid frames per row; the masked path of ``_istft`` with
-    ``frame_mask[b, 0, f] = f < n_frames[b]``. ``upcast``: take spec to fp32 first."""
+    ``frame_mask[b, 0, f] = f < n_frames[b]``. ``upcast``: take spec to fp32 first.
+
+    An empty result (one frame, no frames, or no rows) is an fp32 ``[B, hop (F - 1)]`` (``[B, 0]``
+    for F <= 1) of zeros, as the kernels give: torch.istft and the FFT refuse such inputs."""
+    n_fr = spec.shape[-1]
+    L_out = max(n_fft + hop * (n_fr - 1) - 2 * (n_fft // 2), 0)
+    if spec.shape[0] == 0 or L_out == 0:
+        return torch.zeros(spec.shape[0], L_out, dtype=torch.float32, device=spec.device)
     if upcast:
         spec = spec.float()
     n_freq = n_fft // 2 + 1
@@ -73,7 +82,6 @@ def istft_ref(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: in
     if n_frames is None:
         wav = torch.istft(spec_c, n_fft, hop, n_fft, window=window)
     else:
-        n_fr = spec_c.shape[-1]
         frame_mask = (torch.arange(n_fr, device=spec.device)[None, :] < n_frames.long()[:, None]).float()[:, None, :]
         frames = torch.fft.irfft(spec_c * frame_mask, n=n_fft, dim=1) * window[None, :, None]  # [B, n_fft, F]
         total = n_fft + hop * (n_fr - 1)
@@ -167,14 +175,16 @@ def _check_device(*tensors: torch.Tensor) -> None:
     check_triton_device("istft", *tensors)
 
 
-def istft(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: int = 4, audio_limit: float = AUDIO_LIMIT,
-          n_frames: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """conv_post output ``spec [B, n_fft + 2, F]`` (log-magnitudes then phase logits) -> clamped
-    waveform ``[B, hop * (F - 1)]`` fp32 (for even n_fft), equal to ``istft_ref``.
+def istft_triton(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: int = 4,
+                 audio_limit: float = AUDIO_LIMIT, n_frames: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton launcher: conv_post output ``spec [B, n_fft + 2, F]`` (log-magnitudes then phase
+    logits) -> clamped waveform ``[B, hop * (F - 1)]`` fp32 (``[B, 0]`` for F <= 1), equal to
+    ``istft_ref``. ``chatterbox_rt.kernels.istft`` is the dispatched op that runs anywhere.
 
     ``window [n_fft]``; ``n_frames [B]`` (integer, optional): valid frames per row of a padded batch."""
     if not HAS_TRITON:
-        raise RuntimeError("istft: the Triton kernel needs triton (pip install triton); use istft_ref instead")
+        raise RuntimeError("istft: the Triton kernel needs triton (pip install triton); use istft_ref or "
+                           "the dispatched chatterbox_rt.kernels.istft instead")
     if n_fft <= 0 or n_fft % 2:
         raise ValueError(f"istft: n_fft must be even and positive, got {n_fft}")
     if not 0 < hop <= n_fft:
@@ -218,4 +228,4 @@ def istft(spec: torch.Tensor, window: torch.Tensor, n_fft: int = 16, hop: int = 
     return out
 
 
-__all__ = ["istft", "istft_ref", "HAS_TRITON", "MAGNITUDE_MAX", "AUDIO_LIMIT"]
+__all__ = ["istft_triton", "istft_ref", "HAS_TRITON", "MAGNITUDE_MAX", "AUDIO_LIMIT"]
