@@ -9,7 +9,8 @@ DEMO_TEXT ?= Chatterbox-rt turns text into speech, end to end, on this machine.
 THREADS ?= 0
 PYTEST_ARGS ?=
 
-SETUP_INPUTS := pyproject.toml setup.py scripts/setup_env.sh tests/requirements-reference.txt
+SETUP_INPUTS := pyproject.toml setup.py scripts/setup_env.sh tests/requirements-reference.txt \
+	tests/oracle/install.py tests/oracle/chatterbox-5de7a54.tar.gz
 
 .PHONY: demo test setup setup-test clean
 

@@ -33,8 +33,14 @@ import torch
 from ..checkpoint import init_dummy_, load_into
 from ..models.s3gen import S3Gen
 from ..models.t3 import T3, T3Cond, T3Config
+from ..models.t3.config import canonical_variant
 
 REFERENCE_VERSION = "0.1.7"
+# Upstream HEAD, the oracle for what PyPI lacks (Multilingual V3, the Single Language Pack), is
+# installed by the test set-up as ``chatterbox_head`` (tests/oracle/install.py).
+UPSTREAM_HEAD_PACKAGE = "chatterbox_head"
+UPSTREAM_HEAD_COMMIT = "5de7a54aa4e5e2baadb0182dde554908b48b85c2"
+_HEAD = None
 GPT2_SMALL_CONFIG_OVERRIDES = dict(n_embd=768, hidden_size=768, n_head=12, n_layer=12)
 _REF = None
 
@@ -86,6 +92,37 @@ def load_reference():
     return chatterbox
 
 
+def upstream_head_available() -> bool:
+    try:
+        return importlib.util.find_spec(UPSTREAM_HEAD_PACKAGE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_upstream_head():
+    """Import and return upstream HEAD's package (``chatterbox_head``, patched as the reference)."""
+    global _HEAD
+    if _HEAD is not None:
+        return _HEAD
+    if not upstream_head_available():
+        raise ImportError("upstream chatterbox HEAD is not installed as chatterbox_head: run "
+                          "`python tests/oracle/install.py` (make test's set-up does this)")
+    load_reference()  # the same torchaudio work-around; HEAD's own imports are the reference's
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _HEAD = importlib.import_module(UPSTREAM_HEAD_PACKAGE)
+        for sub in ("mtl_tts", "tts_turbo", "models.t3", "models.t3.llama_configs", "models.t3.modules.t3_config",
+                    "models.t3.modules.cond_enc", "models.tokenizers"):
+            importlib.import_module(f"{UPSTREAM_HEAD_PACKAGE}.{sub}")
+    return _HEAD
+
+
+def _sub(ref, name: str):
+    """``ref``'s submodule ``name`` (ref: the 0.1.7 package or upstream HEAD's)."""
+    return importlib.import_module(f"{ref.__name__}.{name}")
+
+
 def ref_tts_class(variant: str):
     """The reference's TTS class for a variant (Nano is Turbo's class with a smaller T3)."""
     if variant == "multilingual":
@@ -112,8 +149,8 @@ REDUCED = {
 
 
 def _ref_backbone_name(ref, variant: str, reduced: bool) -> str:
-    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-
+    LLAMA_CONFIGS = _sub(ref, "models.t3.llama_configs").LLAMA_CONFIGS
+    variant = canonical_variant(variant)
     base = REF_BACKBONE[variant]
     if not reduced:
         return base
@@ -128,11 +165,11 @@ def _ref_backbone_name(ref, variant: str, reduced: bool) -> str:
 
 
 def ref_hp(ref, variant: str, reduced: bool):
-    from chatterbox.models.t3.modules.t3_config import T3Config as RefT3Config
-
-    if variant == "chatterbox":
+    RefT3Config = _sub(ref, "models.t3.modules.t3_config").T3Config
+    key = canonical_variant(variant)
+    if key == "chatterbox":
         hp = RefT3Config.english_only()
-    elif variant == "multilingual":
+    elif key == "multilingual":
         hp = RefT3Config.multilingual()
     else:  # tts_turbo.from_local's overrides (Nano: the same with GPT2_small)
         hp = RefT3Config(text_tokens_dict_size=50276)
@@ -145,21 +182,22 @@ def ref_hp(ref, variant: str, reduced: bool):
     return hp
 
 
-def our_t3_config(variant: str, reduced: bool) -> T3Config:
-    cfg = T3Config.for_variant(variant)
+def our_t3_config(variant: str, reduced: bool, behaviour=None) -> T3Config:
+    cfg = T3Config.for_variant(variant, behaviour=behaviour)
     if reduced:
-        cfg = cfg.replace(backbone=dataclasses.replace(cfg.backbone, **REDUCED[variant]))
+        cfg = cfg.replace(backbone=dataclasses.replace(cfg.backbone, **REDUCED[canonical_variant(variant)]))
     return cfg
 
 
-def build_t3_pair(ref, variant: str, *, reduced: bool = True, seed: int = 0):
-    """-> (reference T3, our T3), both fp32 eval on CPU with the same weights."""
-    from chatterbox.models.t3 import T3 as RefT3
+def build_t3_pair(ref, variant: str, *, reduced: bool = True, seed: int = 0, behaviour=None):
+    """-> (reference T3, our T3), both fp32 eval on CPU with the same weights. ``ref``: the 0.1.7
+    package or upstream HEAD's; ``variant``/``behaviour``: our config (e.g. "multilingual-v3")."""
+    RefT3 = _sub(ref, "models.t3").T3
 
     torch.manual_seed(seed)
     ref_model = RefT3(ref_hp(ref, variant, reduced)).eval()
     init_dummy_(ref_model, seed)
-    ours = T3(our_t3_config(variant, reduced))
+    ours = T3(our_t3_config(variant, reduced, behaviour))
     load_into(ours, ref_model.state_dict(), f"reference {variant} T3")
     return ref_model, ours.eval()
 
@@ -183,7 +221,7 @@ def cond_tensors(cfg: T3Config, seed: int = 0, exaggeration: float = 0.5) -> dic
 
 
 def ref_cond(ref, tensors: dict):
-    from chatterbox.models.t3.modules.cond_enc import T3Cond as RefT3Cond
+    RefT3Cond = _sub(ref, "models.t3.modules.cond_enc").T3Cond
 
     return RefT3Cond(**{k: v.clone() for k, v in tensors.items()})
 

@@ -40,7 +40,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import T3_FILES, CheckpointError
+from .checkpoint import MULTILINGUAL_T3_MODELS, T3_FILES, CheckpointError
 from .models.s3gen.hift import S3GEN_SR
 from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR
 from .models.t3 import T3Cond
@@ -185,11 +185,13 @@ def hub_snapshot(repo_id: str, *, files: Sequence[str] = (), allow_patterns: Seq
     otherwise a ``snapshot_download`` filtered by ``allow_patterns``. ``HF_TOKEN`` is used when set."""
     try:
         import huggingface_hub
+        # A submodule: ``import huggingface_hub`` alone does not bind it (its __init__ is lazy).
+        import huggingface_hub.constants as hf_constants
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as e:
         raise ImportError("from_pretrained needs huggingface_hub (pip install huggingface_hub); or download "
                           f"{repo_id} yourself and load it with from_local(ckpt_dir, device)") from e
-    offline = _env_flag("HF_HUB_OFFLINE") or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
+    offline = _env_flag("HF_HUB_OFFLINE") or bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
     cache_dir = _hub_cache_dir()
     token = os.getenv("HF_TOKEN") or None
 
@@ -204,7 +206,7 @@ def hub_snapshot(repo_id: str, *, files: Sequence[str] = (), allow_patterns: Seq
                                                       local_files_only=local_only))
 
     def not_cached(e: Exception, why: str) -> CheckpointError:
-        where = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        where = cache_dir or hf_constants.HF_HUB_CACHE
         return CheckpointError(f"cannot load {repo_id}: {why} and it is not in the local Hugging Face cache "
                                f"({where}). Download it once while online (unset HF_HUB_OFFLINE), or point "
                                f"from_local(ckpt_dir, device) at a directory holding its files. ({e})")
@@ -251,9 +253,9 @@ class _CompatTTS:
         return cls(tts.t3, tts.s3gen, tts.ve, tts.frontend, device, conds=tts.builtin_voice)
 
     @classmethod
-    def _load(cls, ckpt_dir, device, variant: str) -> "_CompatTTS":
+    def _load(cls, ckpt_dir, device, variant: str, **kw) -> "_CompatTTS":
         device = map_device(device)
-        return cls._from_tts(TTS.from_local(ckpt_dir, variant=variant, device=device), device)
+        return cls._from_tts(TTS.from_local(ckpt_dir, variant=variant, device=device, **kw), device)
 
     @classmethod
     def from_local(cls, ckpt_dir, device) -> "_CompatTTS":
@@ -305,6 +307,19 @@ class ChatterboxTTS(_CompatTTS):
                                     repetition_penalty, min_p, top_p)
 
 
+def resolve_multilingual_t3_model(t3_model: Optional[str]) -> str:
+    """Upstream's ``_resolve_multilingual_t3_model``: None -> the V2 file; "v2"/"v3" (or their file
+    stems) -> the official files; any ``*.safetensors`` name as it is; otherwise a ValueError."""
+    if t3_model is None:
+        return MULTILINGUAL_T3_MODELS["v2"]
+    if t3_model in MULTILINGUAL_T3_MODELS:
+        return MULTILINGUAL_T3_MODELS[t3_model]
+    if str(t3_model).endswith(".safetensors"):
+        return str(t3_model)
+    raise ValueError(f"Unknown multilingual T3 model '{t3_model}'. "
+                     f"Expected one of {sorted(MULTILINGUAL_T3_MODELS)} or a .safetensors filename.")
+
+
 class ChatterboxMultilingualTTS(_CompatTTS):
     """``chatterbox.mtl_tts.ChatterboxMultilingualTTS``: 23 languages."""
 
@@ -316,9 +331,24 @@ class ChatterboxMultilingualTTS(_CompatTTS):
         return SUPPORTED_LANGUAGES.copy()
 
     @classmethod
-    def from_pretrained(cls, device) -> "ChatterboxMultilingualTTS":
+    def from_local(cls, ckpt_dir, device, t3_model: Optional[str] = None,
+                   behaviour: Optional[str] = None) -> "ChatterboxMultilingualTTS":
+        """Upstream's signature (resemble-ai/chatterbox 5de7a54): ``t3_model`` is "v2" (the
+        default, PyPI 0.1.7's only file), "v3", or any ``.safetensors`` file name in ``ckpt_dir``
+        (the Single Language Pack). V2 runs 0.1.7's behaviour, everything else upstream's (no
+        alignment control, repetition penalty 1.2, the last token's audio dropped);
+        ``behaviour="upstream"`` / ``"0.1.7"`` chooses explicitly (not in the reference)."""
+        return cls._load(ckpt_dir, device, "multilingual", t3_file=resolve_multilingual_t3_model(t3_model),
+                         behaviour=behaviour)
+
+    @classmethod
+    def from_pretrained(cls, device, t3_model: Optional[str] = None,
+                        behaviour: Optional[str] = None) -> "ChatterboxMultilingualTTS":
         device = map_device(device)
-        return cls.from_local(hub_snapshot(REPO_ID, allow_patterns=MULTILINGUAL_FILES, revision="main"), device)
+        t3_name = resolve_multilingual_t3_model(t3_model)
+        files = tuple(t3_name if f == MULTILINGUAL_FILES[1] else f for f in MULTILINGUAL_FILES)
+        return cls.from_local(hub_snapshot(REPO_ID, allow_patterns=files, revision="main"), device,
+                              t3_model=t3_name, behaviour=behaviour)
 
     def generate(
         self,
@@ -328,12 +358,16 @@ class ChatterboxMultilingualTTS(_CompatTTS):
         exaggeration=0.5,
         cfg_weight=0.5,
         temperature=0.8,
-        repetition_penalty=2.0,
+        repetition_penalty=None,
         min_p=0.05,
         top_p=1.0,
     ) -> torch.Tensor:
         """As the reference, except that ``language_id`` may not be empty: the reference then
-        feeds the text with no language tag, which this runtime refuses (ValueError)."""
+        feeds the text with no language tag, which this runtime refuses (ValueError).
+
+        ``repetition_penalty=None`` is the loaded model's default: 2.0 with 0.1.7's behaviour (the
+        V2 file; PyPI 0.1.7's default), 1.2 with upstream's (V3, the Single Language Pack;
+        upstream's default since it dropped the alignment analyzer)."""
         if language_id:
             _check_language_id(language_id)  # the reference's message, before the voice is touched
         return self._llama_generate(text, language_id.lower() if language_id else None, audio_prompt_path,
@@ -346,6 +380,13 @@ class ChatterboxTurboTTS(_CompatTTS):
 
     VARIANT = "turbo"
     ENC_COND_LEN = T3_PROMPT_SECONDS["turbo"] * S3_SR
+
+    def __init__(self, t3, s3gen, ve, tokenizer, device, conds: Optional[Conditionals] = None,
+                 model_label: str = "Turbo"):
+        """``model_label``: "Turbo" or "Nano", upstream HEAD's name for the model in its warning
+        (a Nano T3 is labelled "Nano" when the default is left)."""
+        super().__init__(t3, s3gen, ve, tokenizer, device, conds)
+        self.model_label = "Nano" if model_label == "Turbo" and t3.config.variant == "nano" else model_label
 
     @classmethod
     def from_local(cls, ckpt_dir, device, nano: bool = False) -> "ChatterboxTurboTTS":
@@ -388,7 +429,7 @@ class ChatterboxTurboTTS(_CompatTTS):
             self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration, norm_loudness=norm_loudness)
         conds = self._require_conds()
         if cfg_weight > 0.0 or exaggeration > 0.0 or min_p > 0.0:
-            log.warning(TURBO_IGNORED_MESSAGE)
+            log.warning(TURBO_IGNORED_MESSAGE.replace("Turbo", self.model_label))
         return self._tts.generate(text, conds, max_new_tokens=MAX_NEW_TOKENS, n_steps=N_STEPS,
                                   temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, min_p=0.0, cfg_weight=0.0)
@@ -435,4 +476,4 @@ class ChatterboxVC:
 
 __all__ = ["ChatterboxTTS", "ChatterboxMultilingualTTS", "ChatterboxTurboTTS", "ChatterboxVC", "Conditionals",
            "MissingConditionalsError", "SUPPORTED_LANGUAGES", "REPO_ID", "TURBO_REPO_ID", "NANO_REPO_ID",
-           "MAX_NEW_TOKENS", "N_STEPS", "punc_norm", "map_device", "hub_snapshot"]
+           "MAX_NEW_TOKENS", "N_STEPS", "punc_norm", "map_device", "hub_snapshot", "resolve_multilingual_t3_model"]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .audio import AudioError, check_voice_clip, load_audio, resample
 from .checkpoint import (S3GEN_FILES, VE_FILES, CheckpointError, detect_variant, find_file, init_dummy_conv_,
-                         load_into, read_state_dict)
+                         load_into, read_state_dict, t3_file_path)
 from .models.s3gen.hift import S3GEN_SR
 from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3GEN_SIL, S3Gen
 from .models.t3 import T3, T3Cond
@@ -43,6 +43,7 @@ T3_PROMPT_SECONDS = {"chatterbox": 6, "multilingual": 6, "turbo": 15, "nano": 15
 # the others need about a second for the voice encoder's first 1.6 s partial to be mostly speech.
 MIN_VOICE_SECONDS = {"chatterbox": 1.0, "multilingual": 1.0, "turbo": 5.0, "nano": 5.0}
 TURBO_TARGET_LUFS = -27.0  # ChatterboxTurboTTS.norm_loudness
+SAMPLES_PER_TOKEN = S3GEN_SR // 25  # 24 kHz samples per 25 Hz speech token (S3GEN_SR // S3_TOKEN_RATE)
 SAMPLING_ARGS = ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "cfg_weight")
 
 
@@ -147,6 +148,11 @@ class TTS(S3GenPipeline):
         self.source = source
         self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
 
+    @property
+    def behaviour(self) -> Optional[str]:
+        """The multilingual model's behaviour ("0.1.7" or "upstream"); None for other variants."""
+        return self.t3.config.behaviour
+
     def __repr__(self) -> str:
         return f"TTS(variant={self.variant!r}, device={self.device}, dtype={self.dtype}, {self.source})"
 
@@ -154,28 +160,46 @@ class TTS(S3GenPipeline):
 
     @classmethod
     def from_local(cls, ckpt_dir: Union[str, Path], variant: Optional[str] = None, device=None,
-                   dtype=torch.float32) -> "TTS":
-        """Load a checkpoint directory by the official file names (variant detected if not given)."""
+                   dtype=torch.float32, *, t3_file: Optional[Union[str, Path]] = None,
+                   behaviour: Optional[str] = None, lora: Optional[Union[str, Path]] = None) -> "TTS":
+        """Load a checkpoint directory by the official file names (variant detected if not given).
+
+        ``t3_file``: the T3 file to load instead of the variant's official one: upstream's
+        ``t3_model`` names ("v2", "v3"), any ``.safetensors`` file in ``ckpt_dir`` (the Single
+        Language Pack's fine-tunes), or a path. ``behaviour`` (multilingual): "0.1.7" (alignment-
+        guided EOS, repetition penalty 2.0; the default for the V2 file) or "upstream" (upstream
+        HEAD: none of that, penalty 1.2, the last token's audio dropped; the default for V3 and any
+        other file). ``lora``: a PEFT LoRA adapter directory merged into T3 at load."""
+        from .checkpoint import check_files, resolve_t3
+
         ckpt_dir = Path(ckpt_dir)
         device = device or default_device()
-        variant = variant or detect_variant(ckpt_dir)
+        if lora is not None and not Path(lora).is_dir():
+            raise CheckpointError(f"LoRA adapter directory not found: {lora}")
+        if not ckpt_dir.is_dir():
+            raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
+        if t3_file is None:
+            variant = variant or detect_variant(ckpt_dir)
+            check_files(ckpt_dir, variant)  # every missing file named at once, before anything slow
+            t3_path, variant, behaviour = resolve_t3(ckpt_dir, variant, None, behaviour)
+        else:
+            t3_path = t3_file_path(ckpt_dir, t3_file)
+            if not t3_path.is_file():
+                check_files(ckpt_dir, variant or "multilingual", t3_path)
+            t3_path, variant, behaviour = resolve_t3(ckpt_dir, variant, t3_path, behaviour)
+            check_files(ckpt_dir, variant, t3_path)
         key = canonical_variant(variant)
-        # Every missing file is named at once, before anything slow is loaded.
-        problems = []
-        for table, what in ((S3GEN_FILES, "S3Gen"), (VE_FILES, "voice encoder")):
-            try:
-                find_file(ckpt_dir, key, table, what)
-            except CheckpointError as e:
-                problems.append(str(e))
-        if problems:
-            raise CheckpointError("; ".join(problems))
-        t3 = T3.from_local(ckpt_dir, variant=variant, device=device, dtype=dtype)
+        t3 = T3.from_local(ckpt_dir, variant=variant, device=device, dtype=dtype, t3_file=t3_path,
+                           behaviour=behaviour, lora=lora)
         s3gen = S3Gen.from_file(find_file(ckpt_dir, key, S3GEN_FILES, "S3Gen"), meanflow=key in ("turbo", "nano"),
                                 device=device, dtype=dtype)
         ve_path = find_file(ckpt_dir, key, VE_FILES, "voice encoder")
         ve = load_into(VoiceEncoder(), read_state_dict(ve_path), str(ve_path)).to(device).eval()
         frontend = load_text_frontend(ckpt_dir, key)
-        return cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir), source=f"checkpoint {ckpt_dir}")
+        extra = f", T3 {t3_path.name}" + (f", {behaviour} behaviour" if behaviour else "") + \
+            (f", LoRA {lora}" if lora is not None else "")
+        return cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir),
+                   source=f"checkpoint {ckpt_dir}{extra}")
 
     @classmethod
     def from_dummy(cls, variant: str, seed: int = 0, device=None, dtype=torch.float32, **t3_overrides) -> "TTS":
@@ -202,7 +226,14 @@ class TTS(S3GenPipeline):
         loudness to -27 LUFS (``norm_loudness``), the first 10 s give the S3Gen prompt (mel,
         tokens, x-vector), the first 6 s (15 s for Turbo/Nano) at 16 kHz give T3's prompt tokens,
         and the whole clip at 16 kHz the speaker embedding.
+
+        ``exaggeration`` must be finite and within 0-10 (``chatterbox_rt.voice.check_exaggeration``).
+        The voice records the variant it was prepared for (``Voice.prepared_for``): a model of the
+        other family (Llama: chatterbox, multilingual; GPT-2: turbo, nano) refuses it.
         """
+        from .voice import check_exaggeration
+
+        exaggeration = check_exaggeration(exaggeration)
         wav24, _ = load_audio(wav, sr, target_sr=S3GEN_SR)
         check_voice_clip(wav24, S3GEN_SR, min_seconds=MIN_VOICE_SECONDS[self.variant],
                          name=str(wav) if isinstance(wav, (str, Path)) else "reference clip")
@@ -216,8 +247,8 @@ class TTS(S3GenPipeline):
                                          max_len=plen)
         spk = torch.from_numpy(self.ve.embeds_from_wavs([wav16], sample_rate=S3_SR)).mean(dim=0, keepdim=True)
         t3 = T3Cond(speaker_emb=spk.to(self.device), cond_prompt_speech_tokens=prompt.to(self.device),
-                    emotion_adv=float(exaggeration) * torch.ones(1, 1, 1, device=self.device))
-        return Voice(t3, gen).validate("prepared voice")
+                    emotion_adv=exaggeration * torch.ones(1, 1, 1, device=self.device))
+        return Voice(t3, gen, prepared_for=self.variant).validate("prepared voice")
 
     def _voice(self, voice) -> Voice:
         if voice is None:
@@ -229,6 +260,7 @@ class TTS(S3GenPipeline):
             raise TypeError("voice must be a Voice; make one with tts.prepare_conditionals(clip)")
         if not isinstance(voice, Voice):
             raise TypeError(f"voice must be a Voice, got {type(voice).__name__}")
+        voice.check_fits(self.variant)  # a voice of the other model family: VoiceError (as the CLI)
         return voice if voice.device == self.device else voice.to(self.device)
 
     # ------------------------------------------------------------------ stages
@@ -244,15 +276,21 @@ class TTS(S3GenPipeline):
             raise ValueError("the multilingual model needs language_id (e.g. 'en', 'fr')")
         return self.frontend.to_tokens(text, language_id=language_id).to(self.device)
 
-    def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: int = 1000,
+    def max_text_tokens(self, voice: Optional[Voice] = None, max_new_tokens: Optional[int] = None) -> int:
+        """How many text tokens (as ``text_tokens`` returns them) one call accepts with ``voice``
+        and ``max_new_tokens`` (default: the variant's): the Llama variants' text positions; for
+        Turbo/Nano what their shared positions leave after the voice's prompt and the speech."""
+        return self.t3.max_text_tokens(self._voice(voice).t3, max_new_tokens)
+
+    def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: Optional[int] = None,
                   language_id: Optional[str] = None, seed: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, exaggeration: Optional[float] = None,
                   stop_on_eos: bool = True, **sampling) -> Tensor:
         """``generate``'s text path and T3 -> valid speech tokens (1-D LongTensor, ids < 6561).
 
         Sampling arguments (``temperature``, ``top_p``, ``min_p``, ``top_k``,
-        ``repetition_penalty``, ``cfg_weight``) default to the reference's for the variant.
-        ``stop_on_eos=False`` always draws ``max_new_tokens`` tokens (benchmarks: a fixed amount of
+        ``repetition_penalty``, ``cfg_weight``) and ``max_new_tokens`` default to the reference's
+        for the variant (1000; Turbo/Nano 1001: one from the prefill, then 1000). ``stop_on_eos=False`` always draws ``max_new_tokens`` tokens (benchmarks: a fixed amount of
         work whatever random weights emit)."""
         unknown = sorted(set(sampling) - set(SAMPLING_ARGS))
         if unknown:
@@ -272,12 +310,14 @@ class TTS(S3GenPipeline):
 
     def generate(self, text: str, voice: Optional[Voice] = None, *, seed: Optional[int] = None,
                  language_id: Optional[str] = None, watermark: bool = True, exaggeration: Optional[float] = None,
-                 max_new_tokens: int = 1000, n_steps: Optional[int] = None, stop_on_eos: bool = True,
+                 max_new_tokens: Optional[int] = None, n_steps: Optional[int] = None, stop_on_eos: bool = True,
                  **sampling) -> Tensor:
         """Text -> 24 kHz waveform ``[1, N]`` (CPU float32), watermarked unless ``watermark=False``.
 
         ``seed`` makes the call reproducible (T3 sampling, CFM noise and HiFT's source noise all
-        draw from one generator). ``exaggeration`` overrides the voice's (Llama variants)."""
+        draw from one generator). ``exaggeration`` overrides the voice's (Llama variants).
+        With upstream's multilingual behaviour (V3, the Single Language Pack) the audio of the
+        final speech token is dropped, as upstream does."""
         generator = make_generator(seed, self.device)
         tokens = self.t3_tokens(text, voice, max_new_tokens=max_new_tokens, language_id=language_id,
                                 generator=generator, exaggeration=exaggeration, stop_on_eos=stop_on_eos,
@@ -289,6 +329,10 @@ class TTS(S3GenPipeline):
             return torch.zeros(1, 0)
         mel = self.s3gen_mel(tokens, voice, n_steps=n_steps, generator=generator)
         wav = self.s3gen_wav(mel, generator=generator)
+        if self.t3.config.drop_last_token_audio:
+            # Upstream: the last token is "emitted just before EOS with degraded attention and
+            # decodes to ~40 ms of noise" (mtl_tts.generate at 5de7a54).
+            wav = wav[:, : max(1, tokens.numel() - 1) * SAMPLES_PER_TOKEN]
         return self._finish(wav, watermark)
 
 

@@ -50,6 +50,9 @@ if [ "$TEST" = 1 ]; then
   "${PIP[@]}" --no-build-isolation -e ".[test]"
   # The reference pins torch/torchaudio versions that must not replace ours: no dependencies.
   "${PIP[@]}" --no-deps -r tests/requirements-reference.txt
+  # Upstream HEAD (5de7a54), the oracle for Multilingual V3 and the Single Language Pack, from the
+  # archive in tests/oracle/ as the test-only package chatterbox_head.
+  "$PY" tests/oracle/install.py
 else
   echo "setup: installing chatterbox-rt"
   "${PIP[@]}" --no-build-isolation -e .

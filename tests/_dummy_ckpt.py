@@ -59,7 +59,10 @@ def reduce_config(cfg: T3Config) -> T3Config:
     backbone = dict(REDUCED_BACKBONE[key])
     if cfg.backbone.kind == "gpt2":
         backbone["gpt2_vocab_size"] = GPT2_WTE_STUB
-    return cfg.replace(backbone=dataclasses.replace(cfg.backbone, **backbone), **REDUCED_T3[key])
+    changes = dict(REDUCED_T3[key])
+    if not cfg.alignment_heads:  # upstream's multilingual behaviour has no alignment control
+        changes.pop("alignment_heads", None)
+    return cfg.replace(backbone=dataclasses.replace(cfg.backbone, **backbone), **changes)
 
 
 def reduced_for_variant(name: str, **overrides) -> T3Config:
@@ -87,16 +90,16 @@ def _save_state_dict(module: torch.nn.Module, path: Path) -> None:
         torch.save(sd, path)
 
 
-def write_t3(ckpt_dir, variant: str, seed: int = 0, reduced: bool = True) -> Path:
+def write_t3(ckpt_dir, variant: str, seed: int = 0, reduced: bool = True, name: str = None) -> Path:
     """Only the T3 file of ``variant`` (e.g. Nano's T3 next to a Turbo directory's other files,
-    which are Nano's too)."""
+    which are Nano's too), under its official name or ``name`` (a V3 or Single Language Pack file)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     from chatterbox_rt.models.t3 import T3
 
     with reduced_t3() if reduced else contextlib.nullcontext():
         t3 = T3.from_dummy(variant, seed=seed, device="cpu")
-    path = ckpt_dir / T3_FILES[variant][0]
+    path = ckpt_dir / (name or T3_FILES[variant][0])
     _save_state_dict(t3, path)
     return path
 

@@ -121,6 +121,84 @@ def test_readme_multilingual(multilingual_dir, tmp_path):
         multilingual_model.generate("Hallo.", language_id="DE")
 
 
+def _sampling_spy(monkeypatch):
+    """Record the SamplingParams each T3.generate call resolves (defaults included)."""
+    from chatterbox_rt.models.t3 import T3
+
+    seen = []
+    real = T3.sampling_params
+
+    def spy(self, **given):
+        p = real(self, **given)
+        seen.append(p)
+        return p
+
+    monkeypatch.setattr(T3, "sampling_params", spy)
+    return seen
+
+
+def test_multilingual_v3_and_language_pack(multilingual_dir, monkeypatch):
+    """Upstream's ``t3_model=`` (5de7a54): V2 by default with 0.1.7's behaviour, "v3" and any other
+    .safetensors file with upstream's (no alignment control, repetition penalty 1.2)."""
+    write_t3(multilingual_dir, "multilingual-v3", seed=3)
+    write_t3(multilingual_dir, "multilingual-v3", seed=4, name="t3_es_mx_latam.safetensors")
+    seen = _sampling_spy(monkeypatch)
+    expect = {None: ("0.1.7", 2.0), "v2": ("0.1.7", 2.0), "v3": ("upstream", 1.2),
+              "t3_mtl23ls_v3": ("upstream", 1.2), "t3_es_mx_latam.safetensors": ("upstream", 1.2)}
+    for t3_model, (behaviour, penalty) in expect.items():
+        model = ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu", t3_model=t3_model)
+        cfg = model.t3.config
+        assert (cfg.behaviour, cfg.sampling.repetition_penalty) == (behaviour, penalty), t3_model
+        assert bool(cfg.alignment_heads) == (behaviour == "0.1.7") and cfg.drop_last_token_audio == (behaviour != "0.1.7")
+        model.generate("Hola.", language_id="es")
+        assert seen[-1].repetition_penalty == penalty, t3_model
+        model.generate("Hola.", language_id="es", repetition_penalty=1.7)
+        assert seen[-1].repetition_penalty == 1.7
+    # upstream's V2 behaviour is one option away
+    model = ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu", t3_model="v2", behaviour="upstream")
+    assert model.t3.config.behaviour == "upstream" and not model.t3.config.alignment_heads
+    # weights differ per file
+    v2 = ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu").t3.speech_head.weight
+    pack = ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu",
+                                                t3_model="t3_es_mx_latam.safetensors").t3.speech_head.weight
+    assert not torch.equal(v2, pack)
+    with pytest.raises(ValueError, match=r"Unknown multilingual T3 model 'v4'\. Expected one of"):
+        ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu", t3_model="v4")
+    with pytest.raises(CheckpointError, match="t3_missing.safetensors"):
+        ChatterboxMultilingualTTS.from_local(multilingual_dir, "cpu", t3_model="t3_missing.safetensors")
+
+
+def test_from_pretrained_loads_from_a_populated_cache(english_dir, tmp_path, monkeypatch):
+    """The English checkpoint downloaded from a stand-in Hub by a user's process (no
+    HF_HUB_OFFLINE there), then loaded here offline from that cache: a real from_pretrained."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _fake_hub import FakeHub
+
+    pytest.importorskip("huggingface_hub")
+    home = tmp_path / "hf-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with FakeHub({compat.REPO_ID: english_dir}) as hub:
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home))
+        code = ("import json; from chatterbox_rt import compat; "
+                "print(json.dumps(str(compat.hub_snapshot(compat.REPO_ID, files=compat.ENGLISH_FILES))))")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    snapshot = Path(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert snapshot.is_relative_to(home) and sorted(p.name for p in snapshot.iterdir()) == sorted(compat.ENGLISH_FILES)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ChatterboxTTS.from_pretrained("cpu")
+    assert model.t3.config.variant == "chatterbox" and model.conds is not None
+    ref_sd = ChatterboxTTS.from_local(english_dir, "cpu").t3.state_dict()
+    assert all(torch.equal(v, ref_sd[k]) for k, v in model.t3.state_dict().items())
+    shutil.rmtree(home, ignore_errors=True)  # 1.2 GB
+
+
 def test_readme_turbo(turbo_dir, tmp_path, caplog):
     model = ChatterboxTurboTTS.from_local(turbo_dir, device="cpu")
     assert model.t3.config.variant == "turbo"
@@ -199,6 +277,17 @@ def test_signatures_match_reference(ref):
 
     pairs = [(ChatterboxTTS, ref.tts.ChatterboxTTS), (ChatterboxMultilingualTTS, ref.mtl_tts.ChatterboxMultilingualTTS),
              (ChatterboxTurboTTS, ref_turbo.ChatterboxTurboTTS), (ChatterboxVC, ref.vc.ChatterboxVC)]
+    try:  # upstream HEAD (5de7a54) adds t3_model= to the multilingual loaders, nano= to Turbo's
+        import chatterbox_head.mtl_tts
+        import chatterbox_head.tts_turbo
+    except ImportError:
+        chatterbox_head = None
+    if chatterbox_head is not None:
+        pairs += [(ChatterboxMultilingualTTS, chatterbox_head.mtl_tts.ChatterboxMultilingualTTS),
+                  (ChatterboxTurboTTS, chatterbox_head.tts_turbo.ChatterboxTurboTTS)]
+    # Deliberate: the multilingual default repetition penalty follows the loaded file (2.0 for V2 as
+    # 0.1.7, 1.2 for V3/the pack as upstream), so the signature's default is None.
+    deviations = {(ChatterboxMultilingualTTS, "generate", "repetition_penalty"): None}
     for ours, theirs in pairs:
         for name in ("__init__", "from_local", "from_pretrained", "generate", "prepare_conditionals",
                      "set_target_voice", "get_supported_languages", "norm_loudness"):
@@ -206,7 +295,8 @@ def test_signatures_match_reference(ref):
                 continue
             want = list(inspect.signature(getattr(theirs, name)).parameters.values())
             got = list(inspect.signature(getattr(ours, name)).parameters.values())[:len(want)]
-            assert [(p.name, p.default) for p in got] == [(p.name, p.default) for p in want], (ours, name)
+            want = [(p.name, deviations.get((ours, name, p.name), p.default)) for p in want]
+            assert [(p.name, p.default) for p in got] == want, (ours, theirs, name)
         assert ours.ENC_COND_LEN == theirs.ENC_COND_LEN and ours.DEC_COND_LEN == theirs.DEC_COND_LEN
 
 

@@ -4,6 +4,18 @@ Values come from the reference (chatterbox-tts 0.1.7): ``models/t3/llama_configs
 ``models/t3/modules/t3_config.py``, the ``from_local`` loaders of ``tts.py``, ``mtl_tts.py``
 and ``tts_turbo.py`` (Turbo's overrides), and each ``generate``'s keyword defaults.
 Nano is Turbo with a GPT-2 small backbone (the Nano release's ``GPT2_small`` config).
+
+The multilingual model has two published behaviours (``MULTILINGUAL_BEHAVIOURS``), one
+architecture:
+
+* ``"0.1.7"`` (PyPI chatterbox-tts 0.1.7, what most users run with the V2 file): EOS steered by
+  attention alignment (``AlignmentStreamAnalyzer``), repetition penalty 2.0, the whole waveform.
+* ``"upstream"`` (resemble-ai/chatterbox at 5de7a54, commits "Add opt-in v3 multilingual
+  checkpoint, skip analyzer for v3" and "v3 multilingual and single language pack release"): no
+  alignment control, repetition penalty 1.2, and the final speech token's audio dropped (it is
+  "emitted just before EOS with degraded attention and decodes to ~40 ms of noise"). Upstream runs
+  every multilingual file this way; here it is the default for V3 and any other multilingual T3
+  file (the Single Language Pack), and an option for V2.
 """
 from __future__ import annotations
 
@@ -35,6 +47,13 @@ ALIGNMENT_HEADS = ((12, 15), (13, 11), (9, 2))
 # Names accepted for a variant -> the model config they use ("multilingual-v2"/"-v3" name
 # checkpoint files of one architecture).
 VARIANT_ALIASES = {"english": "chatterbox", "multilingual-v2": "multilingual", "multilingual-v3": "multilingual"}
+
+BEHAVIOUR_PYPI = "0.1.7"
+BEHAVIOUR_UPSTREAM = "upstream"
+MULTILINGUAL_BEHAVIOURS = (BEHAVIOUR_PYPI, BEHAVIOUR_UPSTREAM)
+# The behaviour a multilingual variant name runs by default (see the module docstring).
+DEFAULT_BEHAVIOUR = {"multilingual": BEHAVIOUR_PYPI, "multilingual-v2": BEHAVIOUR_PYPI,
+                     "multilingual-v3": BEHAVIOUR_UPSTREAM}
 
 
 def variant_key(name: str) -> str:
@@ -133,6 +152,10 @@ class T3Config:
     # The multilingual model steers EOS with attention alignment (reference
     # ``AlignmentStreamAnalyzer``); the alignment needs these (layer, head) pairs.
     alignment_heads: tuple = ()
+    # Multilingual only: "0.1.7" or "upstream" (module docstring); None for the other variants.
+    behaviour: Optional[str] = None
+    # Upstream's multilingual generate drops the audio of the final speech token.
+    drop_last_token_audio: bool = False
 
     @property
     def is_gpt(self) -> bool:
@@ -158,14 +181,38 @@ class T3Config:
     def replace(self, **changes) -> "T3Config":
         return dataclasses.replace(self, **changes)
 
+    def with_behaviour(self, behaviour: str) -> "T3Config":
+        """This multilingual config running ``behaviour`` ("0.1.7" or "upstream"): the alignment
+        control, the repetition-penalty default and the last token's audio change together."""
+        if self.variant != "multilingual":
+            raise ValueError(f"behaviour={behaviour!r} only applies to the multilingual model, not {self.variant}")
+        if behaviour not in MULTILINGUAL_BEHAVIOURS:
+            raise ValueError(f"unknown multilingual behaviour {behaviour!r}; expected one of "
+                             f"{', '.join(MULTILINGUAL_BEHAVIOURS)}")
+        upstream = behaviour == BEHAVIOUR_UPSTREAM
+        return dataclasses.replace(
+            self, behaviour=behaviour, drop_last_token_audio=upstream,
+            alignment_heads=() if upstream else ALIGNMENT_HEADS,
+            sampling=dataclasses.replace(self.sampling, repetition_penalty=1.2 if upstream else 2.0))
+
     @classmethod
-    def for_variant(cls, name: str, **overrides) -> "T3Config":
-        """Config of a Chatterbox variant: "chatterbox" | "multilingual" | "turbo" | "nano"
-        (or an alias of ``VARIANT_ALIASES``)."""
+    def for_variant(cls, name: str, behaviour: Optional[str] = None, **overrides) -> "T3Config":
+        """Config of a Chatterbox variant: "chatterbox" | "multilingual" (= "multilingual-v2") |
+        "multilingual-v3" | "turbo" | "nano" (or an alias of ``VARIANT_ALIASES``).
+
+        ``behaviour`` (multilingual only) overrides the name's default behaviour
+        (``DEFAULT_BEHAVIOUR``: V2 runs 0.1.7's, V3 upstream's)."""
         key = canonical_variant(name)
         if key not in _VARIANTS:
-            raise ValueError(f"unknown Chatterbox variant {name!r}; expected one of {sorted(_VARIANTS)}")
+            raise ValueError(f"unknown Chatterbox variant {name!r}; expected one of "
+                             f"{sorted(set(_VARIANTS) | set(VARIANT_ALIASES))}")
         cfg = _VARIANTS[key]
+        if key == "multilingual":
+            chosen = behaviour or DEFAULT_BEHAVIOUR.get(variant_key(name), BEHAVIOUR_PYPI)
+            if chosen != cfg.behaviour:
+                cfg = cfg.with_behaviour(chosen)
+        elif behaviour is not None:
+            raise ValueError(f"behaviour={behaviour!r} only applies to the multilingual model, not {name!r}")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
@@ -204,7 +251,7 @@ _VARIANTS = {
                            sampling=SamplingDefaults(repetition_penalty=1.2), **_LLAMA_COMMON),
     "multilingual": T3Config(variant="multilingual", text_vocab_size=MULTILINGUAL_TEXT_VOCAB,
                              sampling=SamplingDefaults(repetition_penalty=2.0),
-                             alignment_heads=ALIGNMENT_HEADS, **_LLAMA_COMMON),
+                             alignment_heads=ALIGNMENT_HEADS, behaviour=BEHAVIOUR_PYPI, **_LLAMA_COMMON),
     "turbo": T3Config(variant="turbo", backbone=BACKBONES["GPT2_medium"], **_GPT_COMMON),
     "nano": T3Config(variant="nano", backbone=BACKBONES["GPT2_small"], **_GPT_COMMON),
 }

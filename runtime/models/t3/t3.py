@@ -91,11 +91,14 @@ class T3(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
-    def from_local(cls, ckpt_dir, variant: Optional[str] = None, device="cpu", dtype=torch.float32) -> "T3":
-        """Load T3 from a checkpoint directory by the official file names."""
+    def from_local(cls, ckpt_dir, variant: Optional[str] = None, device="cpu", dtype=torch.float32, *,
+                   t3_file=None, behaviour: Optional[str] = None, lora=None) -> "T3":
+        """Load T3 from a checkpoint directory by the official file names (or ``t3_file``; see
+        ``chatterbox_rt.checkpoint.load_t3`` for ``behaviour`` and ``lora``)."""
         from ...checkpoint import load_t3
 
-        return load_t3(ckpt_dir, variant=variant, device=device, dtype=dtype)
+        return load_t3(ckpt_dir, variant=variant, device=device, dtype=dtype, t3_file=t3_file, behaviour=behaviour,
+                       lora=lora)
 
     def allocate_cache(self, max_batch: int, max_len: int) -> KVCache:
         """Allocate the KV cache up front (a server does this once at start-up)."""
@@ -187,6 +190,32 @@ class T3(nn.Module):
                 values[name] = 0.0
         return SamplingParams(**values).validate()
 
+    def cond_len(self, cond: T3Cond) -> int:
+        """Length of the conditioning prefix ``embed_cond`` builds, without running it: the
+        speaker embedding, the prompt (resampled to the perceiver's queries, or as it is) and the
+        emotion value."""
+        cfg = self.config
+        n = 1
+        prompt = cond.cond_prompt_speech_emb if cond.cond_prompt_speech_emb is not None \
+            else cond.cond_prompt_speech_tokens
+        if prompt is not None:
+            n += cfg.perceiver_queries if cfg.use_perceiver else torch.atleast_2d(prompt).shape[1]
+        return n + (1 if cfg.emotion_adv else 0)
+
+    def max_text_tokens(self, cond: T3Cond, max_new_tokens: Optional[int] = None) -> int:
+        """How many text tokens (start/stop included) one request may have: the text positions of
+        the Llama variants; for GPT-2 variants what the shared positions leave after the voice's
+        prompt, the start-of-speech token and ``max_new_tokens`` (default: the variant's)."""
+        cfg = self.config
+        if cfg.learned_pos_emb:
+            return cfg.text_pos_len
+        n_max = cfg.sampling.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        return cfg.backbone.n_positions - self.cond_len(cond) - 1 - n_max
+
+    def _text_too_long(self, n_text: int, limit: int, why: str = "") -> ValueError:
+        return ValueError(f"text is too long: {n_text} tokens, this model takes at most {max(limit, 0)}{why}; "
+                          "split it into sentences and synthesise them one by one")
+
     def _check_text(self, text_tokens: Tensor) -> Tensor:
         cfg = self.config
         if not torch.is_tensor(text_tokens) or text_tokens.dim() != 1:
@@ -204,8 +233,7 @@ class T3(nn.Module):
                 raise ValueError(f"text_tokens must contain the start ({cfg.start_text_token}) and stop "
                                  f"({cfg.stop_text_token}) text tokens, as the text front end adds them")
             if len(ids) > cfg.text_pos_len:
-                raise ValueError(f"text is too long: {len(ids)} tokens, this model takes at most {cfg.text_pos_len}; "
-                                 "split it into sentences and synthesise them one by one")
+                raise self._text_too_long(len(ids), cfg.text_pos_len)
         return text_tokens
 
     @torch.inference_mode()
@@ -242,11 +270,22 @@ class T3(nn.Module):
         dev, V, eos = self.device, cfg.speech_vocab_size, cfg.stop_speech_token
         use_cfg = cfg.uses_cfg and p.cfg_weight > 0
 
+        if cfg.learned_pos_emb:
+            if n_max > cfg.speech_pos_len - 1:
+                raise ValueError(f"max_new_tokens={n_max} exceeds this model's speech positions "
+                                 f"(at most {cfg.speech_pos_len - 1})")
+        else:  # GPT-2: the prompt, the text and the speech tokens share one set of positions
+            used = self.cond_len(cond) + 1  # the voice's prompt and the start-of-speech token
+            free = cfg.backbone.n_positions - used
+            if n_max > free - 1:
+                raise ValueError(f"max_new_tokens={n_max} leaves no room for text: this model has "
+                                 f"{cfg.backbone.n_positions} positions and this voice's prompt takes {used}; "
+                                 f"ask for at most {free - 1}")
+            if text_tokens.numel() > free - n_max:
+                raise self._text_too_long(text_tokens.numel(), free - n_max,
+                                          f" with this voice's prompt and up to {n_max} new speech tokens")
         embeds, len_cond = self.prompt_embeds(cond, text_tokens, use_cfg)
         B, P, _ = embeds.shape
-        limit = cfg.speech_pos_len - 1 if cfg.learned_pos_emb else cfg.backbone.n_positions - P
-        if n_max > limit:
-            raise ValueError(f"max_new_tokens={n_max} exceeds what this model's positions allow ({limit})")
 
         align = probe = step_probe = None
         if cfg.alignment_heads:
@@ -327,13 +366,20 @@ class T3(nn.Module):
         return self._trim_eos(tokens)
 
     def _trim_eos(self, tokens: Tensor) -> Tensor:
+        """The reference's cut of the drawn tokens: up to the first EOS; for the Llama variants
+        also everything up to and including a start-of-speech token drawn mid-sequence
+        (``drop_invalid_tokens``; with several, up to the last one, where the reference fails)."""
         eos = self.config.stop_speech_token
         ids = tokens.tolist()
         # Turbo/Nano ignore an EOS drawn first (reference); it is dropped from the result.
         first = 1 if self.config.is_gpt else 0
         end = next((i for i in range(first, len(ids)) if ids[i] == eos), len(ids))
-        kept = tokens[:end]
-        return kept[kept != eos] if self.config.is_gpt else kept
+        if self.config.is_gpt:
+            kept = tokens[:end]
+            return kept[kept != eos]
+        sos = self.config.start_speech_token
+        start = max((i + 1 for i in range(end) if ids[i] == sos), default=0)
+        return tokens[start:end]
 
     def _probe_heads(self) -> dict:
         heads: dict = {}
