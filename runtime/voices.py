@@ -12,21 +12,38 @@ The ``.json`` is the commit record: an entry exists exactly when its ``.json`` d
 written last (temporary file, then ``os.replace``). An interrupted ``add`` therefore leaves either
 no entry or a complete one; an interrupted ``add(overwrite=True)`` removes the old record first, so
 it leaves the old entry, no entry, or the new one, never the new ``.pt`` under the old record.
-Temporary files start with ``.``, which no voice name may, so they never look like entries.
+Temporary files start with ``.``, which no voice name may, so they never look like entries. Files
+get the usual mode of a file the user writes (``0666 & ~umask``), so a library one user prepares
+can be read by another (a service account) as the umask allows.
+
+Writers (``add``, ``remove``) commit under a lock that holds across threads and processes (an
+``fcntl.flock`` on ``<ROOT>/.lock``; ``msvcrt.locking`` on Windows; an ``O_EXCL`` lock file
+elsewhere). The slow preparation runs outside it; the name is checked again under the lock right
+before the files move in, so of two concurrent adds of one name without ``overwrite`` exactly one
+succeeds and the other fails with "already exists". Readers take no lock (a library may be read-only
+to them), so a ``list`` taken during another process's commit may show that one entry as broken.
+
+Anything else that looks like an entry is listed as *broken* (``VoiceInfo.problem``): a record that
+cannot be read, a ``.pt`` without its record or a record without its ``.pt`` (e.g. left by a crash
+or by hand); ``remove`` deletes any of them.
 
 Loaded voices are kept in a bounded, thread-safe LRU (CPU copies, keyed by name and the two files'
-mtime and size, so a change made by another process is noticed on the next ``get``).
+mtime and size, so a change made by another process is noticed on the next ``get``). A voice from
+the library knows the variant it was prepared for (``Voice.prepared_for``, from its record), so
+``TTS`` refuses it for a model of the other family (``Voice.check_fits``), as ``get(variant=)`` does.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import numbers
 import os
 import re
-import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Union
@@ -35,20 +52,26 @@ import numpy as np
 import torch
 
 from . import __version__
-from .voice import Voice, VoiceError
+from .voice import (FAMILY_PROMPT_TOKENS, VOICE_FAMILY, Voice, VoiceError, check_exaggeration,
+                    create_temp_file)
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows and others
+    fcntl = None
+try:  # Windows
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 ENV_VAR = "CHATTERBOX_RT_VOICES"
 DEFAULT_ROOT = Path("~/.cache/chatterbox-rt/voices")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 VOICE_SUFFIX, INFO_SUFFIX = ".pt", ".json"
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT_S = 60.0  # a writer holds the lock only while renaming files
 DEFAULT_CACHE_ITEMS = 32
 FORMAT_VERSION = 1
-
-# Voices made for one variant fit the others of its family: the same speech-prompt length
-# (T3Config.speech_cond_prompt_len: 150 for the Llama models, 375 for the GPT-2 ones) and the
-# same clip preprocessing (Turbo/Nano normalise loudness and read 15 s instead of 6).
-VOICE_FAMILY = {"chatterbox": "llama", "multilingual": "llama", "turbo": "gpt2", "nano": "gpt2"}
-FAMILY_PROMPT_TOKENS = {"llama": 150, "gpt2": 375}
 
 
 class UnknownVoice(VoiceError):
@@ -68,6 +91,10 @@ def check_name(name) -> str:
     return name
 
 
+def _is_name(name: str) -> bool:
+    return bool(NAME_PATTERN.fullmatch(name)) and not name.startswith(".")
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -79,40 +106,117 @@ def _sha256_file(path: Path) -> str:
 def _canonical(variant: str) -> str:
     from .models.t3.config import canonical_variant
 
-    key = canonical_variant(variant)
+    key = canonical_variant(variant) if isinstance(variant, str) else variant
     if key not in VOICE_FAMILY:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VOICE_FAMILY)}")
     return key
 
 
+_RECORD_TYPES = {"name": str, "source": (str, type(None)), "source_sha256": str, "duration_s": numbers.Real,
+                 "sample_rate": numbers.Integral, "created": str, "version": str}
+
+
 @dataclasses.dataclass(frozen=True)
 class VoiceInfo:
-    """One library entry's metadata (the ``<NAME>.json`` record)."""
+    """One library entry's metadata (the ``<NAME>.json`` record).
+
+    A broken entry (see the module docstring) has ``problem`` set to what is wrong, and None in the
+    fields it could not read."""
 
     name: str
-    variant: str
-    exaggeration: float
-    source: Optional[str]  # absolute path of the clip, or None for an array
-    source_sha256: str
-    duration_s: float
-    sample_rate: int
-    created: str  # ISO 8601, UTC
-    version: str  # chatterbox_rt version that prepared it
+    variant: Optional[str] = None
+    exaggeration: Optional[float] = None
+    source: Optional[str] = None  # absolute path of the clip, or None for an array
+    source_sha256: Optional[str] = None
+    duration_s: Optional[float] = None
+    sample_rate: Optional[int] = None
+    created: Optional[str] = None  # ISO 8601, UTC
+    version: Optional[str] = None  # chatterbox_rt version that prepared it
     path: Optional[str] = None  # the .pt file (filled in when read from a library)
+    problem: Optional[str] = None  # why the entry is unusable; None for a good one
+
+    @property
+    def broken(self) -> bool:
+        return self.problem is not None
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("path")
+        d.pop("problem")
         d["format"] = FORMAT_VERSION
         return d
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "VoiceInfo":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"path", "problem"}
         missing = sorted(fields - set(data))
         if missing:
             raise VoiceError(f"{path}: voice record lacks {missing}")
-        return cls(**{k: data[k] for k in fields}, path=str(path.with_suffix(VOICE_SUFFIX)))
+        try:
+            variant = _canonical(data["variant"])
+        except ValueError as e:
+            raise VoiceError(f"{path}: {e}") from None
+        exaggeration = check_exaggeration(data["exaggeration"], f"{path}: exaggeration")
+        for key, want in _RECORD_TYPES.items():
+            if not isinstance(data[key], want) or isinstance(data[key], bool):
+                raise VoiceError(f"{path}: {key} is {type(data[key]).__name__} {data[key]!r}, not a voice "
+                                 f"record's {want[0].__name__ if isinstance(want, tuple) else want.__name__}")
+        return cls(**{k: data[k] for k in fields} | {"variant": variant, "exaggeration": exaggeration},
+                   path=str(path.with_suffix(VOICE_SUFFIX)))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S):
+    """An exclusive lock on ``path`` held across processes (and threads: each call opens the file
+    anew, and an flock belongs to the open file). ``fcntl.flock`` on POSIX, ``msvcrt.locking`` on
+    Windows, else an ``O_EXCL`` companion file ``<path>.excl``."""
+    deadline = time.monotonic() + timeout
+
+    def wait() -> None:
+        if time.monotonic() > deadline:
+            raise VoiceError(f"the voice library is locked by another writer ({path}) for more than "
+                             f"{timeout:g} s; if no other writer is running, delete {path}")
+        time.sleep(0.01)
+
+    if fcntl is None and msvcrt is None:  # pragma: no cover - neither POSIX nor Windows
+        excl = path.with_name(path.name + ".excl")
+        while True:
+            try:
+                os.close(os.open(excl, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                wait()
+        try:
+            yield
+        finally:
+            excl.unlink(missing_ok=True)
+        return
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        while True:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:  # pragma: no cover - Windows
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                break
+            except (BlockingIOError, PermissionError):  # held by another: EWOULDBLOCK / EACCES
+                wait()
+            except OSError:  # pragma: no cover - msvcrt reports a held lock as EDEADLOCK
+                if fcntl is not None:
+                    raise
+                wait()
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:  # pragma: no cover - Windows
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    finally:
+        os.close(fd)
 
 
 class VoiceLibrary:
@@ -122,15 +226,22 @@ class VoiceLibrary:
         if max_cached < 0:
             raise ValueError(f"max_cached must be >= 0, got {max_cached}")
         self.root = Path(root).expanduser() if root is not None else default_root()
+        self._check_root()
         self.max_cached = max_cached
         self._cache: OrderedDict[str, tuple[tuple, Voice]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._write_lock = threading.Lock()  # writers of this object, before the cross-process lock
         self.hits = self.misses = 0
 
     def __repr__(self) -> str:
         return f"VoiceLibrary({str(self.root)!r})"
 
     # ------------------------------------------------------------------ paths
+
+    def _check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise VoiceError(f"voice library {self.root} is a file, not a directory; give --library (or "
+                             f"${ENV_VAR}) a directory")
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         check_name(name)
@@ -143,22 +254,41 @@ class VoiceLibrary:
             return False
 
     def __len__(self) -> int:
+        """The number of listed entries (broken ones included, as ``list`` shows them)."""
         return len(self.list())
 
     def _missing(self, name: str) -> UnknownVoice:
-        return UnknownVoice(f"no voice named {name!r} in the library {self.root} "
+        pt = self.root / f"{name}{VOICE_SUFFIX}"
+        orphan = (f" (only an orphan {pt.name} without its record is there, e.g. from an interrupted add: "
+                  f"`chatterbox-rt voices remove {name}` deletes it)") if pt.is_file() else ""
+        return UnknownVoice(f"no voice named {name!r} in the library {self.root}{orphan} "
                             f"(`chatterbox-rt voices list` shows the voices there)")
+
+    def _exists(self, name: str, later: bool = False) -> VoiceError:
+        how = " (added by another thread or process while this one was being prepared)" if later else ""
+        return VoiceError(f"a voice named {name!r} already exists in {self.root}{how}; pass overwrite=True "
+                          f"(CLI: --overwrite) to replace it, or `chatterbox-rt voices remove {name}` first")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Exclusive write access to the library, across threads and processes."""
+        self._check_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._write_lock, _file_lock(self.root / LOCK_NAME):
+            yield
 
     # ------------------------------------------------------------------ write
 
     def add(self, name: str, clip, tts, exaggeration: float = 0.5, overwrite: bool = False,
             sr: Optional[int] = None) -> Voice:
         """Prepare ``clip`` (a path, or an array with ``sr``) with ``tts.prepare_conditionals`` and
-        store it as ``name``. An existing name is an error unless ``overwrite=True``."""
+        store it as ``name``. An existing name is an error unless ``overwrite=True``, also when
+        another thread or process adds the same name meanwhile (exactly one of them wins)."""
         pt, info_path = self._paths(name)
-        if info_path.is_file() and not overwrite:
-            raise VoiceError(f"a voice named {name!r} already exists in {self.root}; pass overwrite=True "
-                             f"(CLI: --overwrite) to replace it, or `chatterbox-rt voices remove {name}` first")
+        exaggeration = check_exaggeration(exaggeration)
+        self._check_root()
+        if info_path.is_file() and not overwrite:  # fail fast; checked again under the lock
+            raise self._exists(name)
         if isinstance(clip, (str, os.PathLike)):
             import soundfile as sf
 
@@ -178,30 +308,38 @@ class VoiceLibrary:
             arr = clip.detach().cpu().numpy() if torch.is_tensor(clip) else np.asarray(clip)
             source, sha = None, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
             duration, rate = arr.shape[-1] / sr if arr.ndim == 1 else max(arr.shape) / sr, sr
-        info = VoiceInfo(name=name, variant=_canonical(tts.variant), exaggeration=float(exaggeration),
+        variant = _canonical(tts.variant)
+        info = VoiceInfo(name=name, variant=variant, exaggeration=exaggeration,
                          source=source, source_sha256=sha, duration_s=round(float(duration), 3),
                          sample_rate=int(rate), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          version=__version__)
-        self._write(name, voice, info)
+        self._write(name, voice, info, overwrite=overwrite)
+        if voice.prepared_for is None:
+            voice = dataclasses.replace(voice, prepared_for=variant)
         return voice
 
-    def _write(self, name: str, voice: Voice, info: VoiceInfo) -> None:
+    def _write(self, name: str, voice: Voice, info: VoiceInfo, overwrite: bool = True) -> None:
         pt, info_path = self._paths(name)
+        self._check_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        record = json.dumps(info.to_json(), indent=2, allow_nan=False).encode() + b"\n"
         tmps, placed, committed = [], False, False
         try:
-            for suffix in (VOICE_SUFFIX, INFO_SUFFIX):
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f"{suffix}.tmp", dir=self.root)
-                tmps.append(Path(tmp))
+            for suffix in (VOICE_SUFFIX, INFO_SUFFIX):  # the slow part, outside the lock
+                fd, tmp = create_temp_file(self.root, prefix=f".{name}.", suffix=f"{suffix}.tmp")
+                tmps.append(tmp)
                 with os.fdopen(fd, "wb") as f:
                     if suffix == VOICE_SUFFIX:
                         torch.save(voice.to_dict(), f)
                     else:
-                        f.write(json.dumps(info.to_json(), indent=2).encode() + b"\n")
+                        f.write(record)
                     f.flush()
                     os.fsync(f.fileno())
-            with self._lock:
-                self._cache.pop(name, None)
+            with self._writing():
+                if not overwrite and info_path.is_file():
+                    raise self._exists(name, later=True)
+                with self._lock:
+                    self._cache.pop(name, None)
                 # The old record goes first, so an interruption never pairs the new .pt with it.
                 info_path.unlink(missing_ok=True)
                 os.replace(tmps[0], pt)
@@ -215,56 +353,79 @@ class VoiceLibrary:
                 pt.unlink(missing_ok=True)
 
     def remove(self, name: str) -> None:
+        """Delete the entry ``name``, broken ones included (a record without its ``.pt``, an orphan
+        ``.pt``, an unreadable record)."""
         pt, info_path = self._paths(name)
-        with self._lock:
-            self._cache.pop(name, None)
-            if not info_path.is_file():
-                raise self._missing(name)
-            info_path.unlink()  # the record first: from here on the entry does not exist
+        self._check_root()
+        if not (info_path.is_file() or pt.is_file()):
+            with self._lock:
+                self._cache.pop(name, None)
+            raise self._missing(name)
+        with self._writing():
+            with self._lock:
+                self._cache.pop(name, None)
+            info_path.unlink(missing_ok=True)  # the record first: from here on the entry does not exist
             pt.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ read
 
     def info(self, name: str) -> VoiceInfo:
+        """The record of ``name``; a VoiceError saying what is wrong when it is broken."""
         _, info_path = self._paths(name)
         if not info_path.is_file():
             raise self._missing(name)
         try:
-            data = json.loads(info_path.read_text())
+            data = json.loads(info_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise VoiceError(f"cannot read voice record {info_path}: {e}") from e
         if not isinstance(data, dict):
-            raise VoiceError(f"{info_path} is not a voice record")
+            raise VoiceError(f"{info_path} is not a voice record (not a JSON object)")
         return VoiceInfo.from_json(data, info_path)
 
+    def _entry(self, name: str) -> VoiceInfo:
+        pt, info_path = self._paths(name)
+        if not info_path.is_file():
+            return VoiceInfo(name, path=str(pt), problem=f"{pt.name} has no record {info_path.name} "
+                                                         f"(left by an interrupted add?)")
+        try:
+            info = self.info(name)
+        except VoiceError as e:
+            return VoiceInfo(name, path=str(pt), problem=" ".join(str(e).split()))
+        if not pt.is_file():
+            return dataclasses.replace(info, problem=f"its voice file {pt.name} is missing")
+        return info
+
     def list(self) -> list[VoiceInfo]:
-        """Every entry, sorted by name (unreadable records are skipped)."""
+        """Every entry, sorted by name; broken ones (see the module docstring) have ``problem`` set."""
+        self._check_root()
         if not self.root.is_dir():
             return []
-        out = []
-        for p in sorted(self.root.glob(f"*{INFO_SUFFIX}")):
-            name = p.name[: -len(INFO_SUFFIX)]
-            if name.startswith(".") or not NAME_PATTERN.fullmatch(name):
-                continue
-            try:
-                out.append(self.info(name))
-            except VoiceError:
-                continue
-        return out
+        names = set()
+        for p in self.root.iterdir():
+            for suffix in (VOICE_SUFFIX, INFO_SUFFIX):
+                if p.name.endswith(suffix) and _is_name(p.name[: -len(suffix)]) and p.is_file():
+                    names.add(p.name[: -len(suffix)])
+        return [self._entry(n) for n in sorted(names)]
 
     def _stamp(self, name: str) -> tuple:
         pt, info_path = self._paths(name)
         try:
-            a, b = pt.stat(), info_path.stat()
+            b = info_path.stat()
         except FileNotFoundError:
             raise self._missing(name) from None
+        try:
+            a = pt.stat()
+        except FileNotFoundError:
+            raise VoiceError(f"voice {name!r} in {self.root} is broken: its voice file {pt.name} is missing "
+                             f"(`chatterbox-rt voices remove {name}` deletes the entry)") from None
         return (a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size)
 
     def get(self, name: str, device=None, variant: Optional[str] = None) -> Voice:
-        """The voice ``name`` (on ``device`` if given). With ``variant``, check that the voice was
-        prepared for a model of that family (a Turbo voice has 375 prompt tokens, a Llama one 150)."""
+        """The voice ``name`` (on ``device`` if given), with ``prepared_for`` from its record. With
+        ``variant``, check that it fits a model of that variant (``Voice.check_fits``: a voice is
+        prepared for one family, Llama or GPT-2); ``TTS`` makes the same check when it is used."""
         if variant is not None:
-            self.check_variant(name, variant)
+            variant = _canonical(variant)
         stamp = self._stamp(name)
         with self._lock:
             hit = self._cache.get(name)
@@ -276,26 +437,24 @@ class VoiceLibrary:
                 voice = None
                 self.misses += 1
         if voice is None:
+            info = self.info(name)
             voice = Voice.load(self._paths(name)[0])
+            voice.prepared_for = info.variant
             if self.max_cached:
                 with self._lock:
                     self._cache[name] = (stamp, voice)
                     self._cache.move_to_end(name)
                     while len(self._cache) > self.max_cached:
                         self._cache.popitem(last=False)
+        if variant is not None:
+            voice.check_fits(variant, name=name)
         return voice.to(device) if device is not None else voice
 
     def check_variant(self, name: str, variant: str) -> VoiceInfo:
-        info = self.info(name)
-        want, have = _canonical(variant), _canonical(info.variant)
-        if VOICE_FAMILY[want] != VOICE_FAMILY[have]:
-            fits = [v for v, f in VOICE_FAMILY.items() if f == VOICE_FAMILY[want]]
-            raise VoiceError(
-                f"voice {name!r} was prepared for {have} ({FAMILY_PROMPT_TOKENS[VOICE_FAMILY[have]]} prompt tokens) "
-                f"and does not fit the {want} model, which needs a voice prepared for {' or '.join(fits)} "
-                f"({FAMILY_PROMPT_TOKENS[VOICE_FAMILY[want]]} prompt tokens); prepare the clip again with that "
-                f"model under another name (CLI: `chatterbox-rt voices add NAME CLIP --variant {want}`)")
-        return info
+        """The record of ``name`` if its voice fits ``variant``'s model, else a VoiceError that says
+        the voice's real prompt length, the model it was prepared for, and what to do."""
+        self.get(name, variant=variant)
+        return self.info(name)
 
     def cache_info(self) -> dict:
         with self._lock:
@@ -307,4 +466,5 @@ class VoiceLibrary:
             self._cache.clear()
 
 
-__all__ = ["VoiceLibrary", "VoiceInfo", "UnknownVoice", "check_name", "default_root", "ENV_VAR", "VOICE_FAMILY"]
+__all__ = ["VoiceLibrary", "VoiceInfo", "UnknownVoice", "check_name", "default_root", "ENV_VAR", "VOICE_FAMILY",
+           "FAMILY_PROMPT_TOKENS"]

@@ -215,3 +215,41 @@ def test_public_modules_import_no_heavy_or_reference_packages():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, f"import {module} failed:\n{out.stderr[-2000:]}"
         assert out.stdout.strip() == "[]", f"{module} imported {out.stdout.strip()}"
+
+
+# --------------------------------------------------------------------------- prepare_conditionals / _voice
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 11.0, True])
+def test_prepare_conditionals_refuses_a_bad_exaggeration_first(english, tmp_path, bad):
+    """Checked before the clip is read (the path does not exist: the error is about the value)."""
+    with pytest.raises(VoiceError, match="exaggeration must be"):
+        english.prepare_conditionals(tmp_path / "missing.wav", exaggeration=bad)
+    with pytest.raises(VoiceError, match="exaggeration must be"):
+        english.generate("Hi.", exaggeration=bad, watermark=False, **SHORT)
+
+
+def test_voices_of_the_other_family_are_refused(english, nano, tmp_path):
+    """The API refuses what the CLI refuses (issue 17 item 8), saying the voice's real prompt length
+    and what to do; a voice whose family cannot be told (a plain conds.pt of at most 150 tokens) is
+    accepted, and one of more than 150 tokens is a GPT-2-family voice."""
+    clip = DATA / "speech_en_6s.wav"  # Nano needs more than 5 s
+    en_voice = english.prepare_conditionals(clip)
+    nano_voice = nano.prepare_conditionals(clip)
+    assert (en_voice.prepared_for, nano_voice.prepared_for) == ("chatterbox", "nano")
+    n_en, n_nano = en_voice.prompt_tokens, nano_voice.prompt_tokens
+    with pytest.raises(VoiceError, match=rf"prepared for chatterbox \(a Llama-family voice: {n_en} prompt tokens.*"
+                                         r"nano model needs a GPT-2-family voice.*--variant nano"):
+        nano.generate("Hi.", en_voice, watermark=False, **SHORT)
+    with pytest.raises(VoiceError, match=rf"prepared for nano \(a GPT-2-family voice: {n_nano} prompt tokens.*"
+                                         r"chatterbox model needs a Llama-family voice.*--variant chatterbox"):
+        english.t3_tokens("Hi.", nano_voice, **SHORT)
+    # The same voices from plain files (no record): the English one (at most 150 tokens) could be
+    # either family, so it is accepted; the Nano one has more than 150, so it is known to be GPT-2's.
+    plain_en = Voice.load(en_voice.save(tmp_path / "en.pt"))
+    plain_nano = Voice.load(nano_voice.save(tmp_path / "nano.pt"))
+    assert plain_en.prepared_for is None and plain_en.prompt_tokens == 150 and n_nano > 150
+    assert nano.t3_tokens("Hi.", plain_en, **SHORT).dim() == 1
+    with pytest.raises(VoiceError, match=f"has {n_nano} prompt tokens, more than the 150 a Llama-family voice can "
+                                         "have, so it was prepared for a GPT-2-family model"):
+        english.t3_tokens("Hi.", plain_nano, **SHORT)
+    assert english.t3_tokens("Hi.", plain_en, **SHORT).dim() == 1

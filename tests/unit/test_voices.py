@@ -7,6 +7,8 @@ import datetime
 import hashlib
 import json
 import os
+import re
+import stat
 import threading
 from pathlib import Path
 
@@ -31,14 +33,19 @@ class FakeTTS:
     """``prepare_conditionals`` without a model: reads the clip (so bad audio fails as in TTS) and
     returns a different random voice each call."""
 
-    def __init__(self, variant="chatterbox"):
-        self.variant = variant
+    def __init__(self, variant="chatterbox", prompt_tokens=None, barrier=None, seed=0):
+        self.variant, self.seed = variant, seed
+        self.prompt_tokens = prompt_tokens or PROMPT_TOKENS[variant]
+        self.barrier = barrier  # a threading.Barrier: every caller waits there (a race made certain)
         self.calls = 0
 
     def prepare_conditionals(self, wav, sr=None, exaggeration=0.5):
         load_audio(wav, sr)
         self.calls += 1
-        return dummy_voice(PROMPT_TOKENS[self.variant], seed=self.calls).with_exaggeration(exaggeration)
+        seed = self.seed + self.calls
+        if self.barrier is not None:
+            self.barrier.wait(timeout=30)
+        return dummy_voice(self.prompt_tokens, seed=seed).with_exaggeration(exaggeration)
 
 
 def same_voice(a: Voice, b: Voice) -> bool:
@@ -52,7 +59,8 @@ def same_voice(a: Voice, b: Voice) -> bool:
 
 
 def entries(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    """The files in a library, but its writers' lock file (temporary files included: none may be left)."""
+    return sorted(p.name for p in root.iterdir() if p.name != ".lock") if root.exists() else []
 
 
 @pytest.fixture
@@ -294,28 +302,289 @@ def test_concurrent_gets(tmp_path):
 
 # --------------------------------------------------------------------------- variants
 
-def test_variant_mismatch(lib):
-    lib.add("turbo_voice", CLIP, FakeTTS("turbo"))
+
+def test_variant_mismatch_states_the_real_prompt_length(lib):
+    """A voice is refused for the other model family, with its real prompt-token count, the variant it
+    was prepared for, and the command that fixes it (issue 17 item 8: "375 prompt tokens" was said of a
+    voice that has 229)."""
+    lib.add("nano_voice", CLIP, FakeTTS("nano", prompt_tokens=229))
     lib.add("llama_voice", CLIP, FakeTTS("chatterbox"))
-    with pytest.raises(VoiceError, match=r"prepared for turbo \(375 prompt tokens\).*chatterbox model") as e:
-        lib.get("turbo_voice", variant="chatterbox")
-    assert "voices add" in str(e.value)
-    with pytest.raises(VoiceError, match=r"prepared for chatterbox \(150 prompt tokens\).*turbo or nano"):
+    with pytest.raises(VoiceError, match=r"'nano_voice' was prepared for nano \(a GPT-2-family voice: 229 prompt "
+                                         r"tokens.*the chatterbox model needs a Llama-family voice") as e:
+        lib.get("nano_voice", variant="chatterbox")
+    assert "375" not in str(e.value) and "voices add NAME CLIP --variant chatterbox" in str(e.value)
+    with pytest.raises(VoiceError, match=r"prepared for chatterbox \(a Llama-family voice: 150 prompt tokens.*"
+                                         r"nano model needs a GPT-2-family voice.*--variant nano"):
         lib.get("llama_voice", variant="nano")
+    with pytest.raises(VoiceError, match="229 prompt tokens"):
+        lib.check_variant("nano_voice", "multilingual")
     # Same family: fine (aliases included).
-    assert lib.get("turbo_voice", variant="nano").t3.cond_prompt_speech_tokens.shape == (1, 375)
+    assert lib.get("nano_voice", variant="turbo").t3.cond_prompt_speech_tokens.shape == (1, 229)
     assert lib.get("llama_voice", variant="multilingual-v3").t3.cond_prompt_speech_tokens.shape == (1, 150)
+    assert lib.check_variant("llama_voice", "chatterbox").variant == "chatterbox"
     with pytest.raises(ValueError, match="unknown variant"):
         lib.get("llama_voice", variant="gpt5")
 
 
-def test_corrupt_record_is_skipped_by_list_and_reported_by_get(lib):
+def test_library_voices_know_their_variant(lib):
+    """get() gives the voice the variant of its record, so the Python API (TTS._voice ->
+    Voice.check_fits) refuses the same voices as the CLI; the .pt itself stays the reference's."""
+    added = lib.add("nano_voice", CLIP, FakeTTS("nano", prompt_tokens=140))
+    assert added.prepared_for == "nano"
+    v = lib.get("nano_voice")
+    assert v.prepared_for == "nano" and v.family == "gpt2" and lib.get("nano_voice", device="cpu").prepared_for == "nano"
+    with pytest.raises(VoiceError, match="prepared for nano"):
+        v.check_fits("chatterbox", name="nano_voice")
+    assert set(torch.load(lib.root / "nano_voice.pt", weights_only=True)) == {"t3", "gen"}
+    assert Voice.load(lib.root / "nano_voice.pt").prepared_for is None  # 140 tokens: family unknown, accepted
+    Voice.load(lib.root / "nano_voice.pt").check_fits("chatterbox")
+
+
+# --------------------------------------------------------------------------- broken entries
+
+def _break_entries(lib):
+    """A good entry and every kind of broken one."""
     lib.add("alice", CLIP, FakeTTS())
+    good = json.loads((lib.root / "alice.json").read_text())
     (lib.root / "bob.json").write_text("{not json")
     (lib.root / "bob.pt").write_bytes(np.zeros(4).tobytes())
+    dummy_voice(150).save(lib.root / "orphan_pt.pt")
+    (lib.root / "orphan_json.json").write_text(json.dumps(good | {"name": "orphan_json"}))
+    (lib.root / "nan_exag.json").write_text(json.dumps(good | {"name": "nan_exag", "exaggeration": float("nan")}))
+    dummy_voice(150).save(lib.root / "nan_exag.pt")
+    (lib.root / "no_variant.json").write_text(json.dumps({k: v for k, v in good.items() if k != "variant"}))
+    dummy_voice(150).save(lib.root / "no_variant.pt")
+    (lib.root / ".alice.x.pt.tmp").write_bytes(b"")  # a writer's temporary file: never an entry
+    return {"bob": "cannot read voice record", "nan_exag": "exaggeration must be a finite number",
+            "no_variant": r"lacks \['variant'\]", "orphan_json": "orphan_json.pt is missing",
+            "orphan_pt": "orphan_pt.pt has no record orphan_pt.json"}
+
+
+def test_broken_entries_are_listed_refused_and_removable(lib):
+    broken = _break_entries(lib)
+    listed = lib.list()
+    assert [i.name for i in listed] == sorted(["alice", *broken])
+    by_name = {i.name: i for i in listed}
+    assert not by_name["alice"].broken and by_name["alice"].problem is None
+    for name, match in broken.items():
+        info = by_name[name]
+        assert info.broken and re.search(match, info.problem), (name, info.problem)
+        with pytest.raises(VoiceError):
+            lib.get(name)
+    with pytest.raises(UnknownVoice, match="only an orphan orphan_pt.pt.*voices remove orphan_pt"):
+        lib.get("orphan_pt")
+    with pytest.raises(VoiceError, match="orphan_json.pt is missing.*voices remove orphan_json"):
+        lib.get("orphan_json", variant="chatterbox")
+    for name in broken:
+        lib.remove(name)
+    assert entries(lib.root) == [".alice.x.pt.tmp", "alice.json", "alice.pt"]
     assert [i.name for i in lib.list()] == ["alice"]
-    with pytest.raises(VoiceError, match="cannot read voice record"):
-        lib.get("bob", variant="chatterbox")
-    (lib.root / "bob.json").write_text(json.dumps(lib.info("alice").to_json() | {"name": "bob"}))
-    with pytest.raises(VoiceError, match="cannot read voice file"):
-        lib.get("bob")
+    with pytest.raises(UnknownVoice):
+        lib.remove("orphan_pt")
+
+
+def test_library_root_that_is_a_file(tmp_path):
+    f = tmp_path / "voices"
+    f.write_text("not a directory")
+    with pytest.raises(VoiceError, match=r"voices is a file, not a directory"):
+        VoiceLibrary(f)
+    lib = VoiceLibrary(tmp_path / "later")
+    assert lib.list() == []
+    (tmp_path / "later").write_text("")  # became a file after construction
+    for call in (lib.list, lambda: lib.add("a", CLIP, FakeTTS()), lambda: lib.remove("a")):
+        with pytest.raises(VoiceError, match="is a file, not a directory"):
+            call()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    """Voices are readable by others as the umask allows (mkstemp made them 0600 whatever it was)."""
+    old = os.umask(umask)
+    try:
+        lib = VoiceLibrary(tmp_path / "voices")
+        lib.add("alice", CLIP, FakeTTS())
+        path = dummy_voice(150).save(tmp_path / "plain.pt")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for p in (lib.root / "alice.pt", lib.root / "alice.json", path):
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p.name, oct(p.stat().st_mode))
+
+
+# --------------------------------------------------------------------------- exaggeration
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5, 10.5, True, "0.5", None])
+def test_add_refuses_a_bad_exaggeration_before_preparing(lib, bad):
+    tts = FakeTTS()
+    with pytest.raises(VoiceError, match="exaggeration must be"):
+        lib.add("alice", CLIP, tts, exaggeration=bad)
+    assert tts.calls == 0 and "alice" not in lib and entries(lib.root) == []
+
+
+@pytest.mark.parametrize("value", [0.0, 0.25, 2.0, 10.0, np.float32(0.7), 1])
+def test_add_accepts_the_reference_range(lib, value):
+    lib.add("alice", CLIP, FakeTTS(), exaggeration=value)
+    record = (lib.root / "alice.json").read_text()
+    assert json.loads(record)["exaggeration"] == pytest.approx(float(value))
+    assert lib.get("alice").exaggeration == pytest.approx(float(value))
+
+
+# --------------------------------------------------------------------------- concurrent adds
+
+def test_concurrent_adds_of_one_name_threads(lib):
+    """Two adds of one name race past the early check (the barrier holds both in the slow
+    preparation): exactly one wins, the other fails with "already exists", the stored voice is the
+    winner's."""
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def add(i):
+        try:
+            results[i] = lib.add("alice", CLIP, FakeTTS(barrier=barrier, seed=100 * i))
+        except VoiceError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    won = [r for r in results.values() if isinstance(r, Voice)]
+    lost = [r for r in results.values() if isinstance(r, VoiceError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert "already exists" in str(lost[0]) and "another thread or process" in str(lost[0])
+    assert same_voice(lib.get("alice"), won[0])
+    assert entries(lib.root) == ["alice.json", "alice.pt"]
+
+
+_ADD_IN_A_PROCESS = r"""
+import sys, time
+from pathlib import Path
+from chatterbox_rt.voice import Voice, VoiceError
+from chatterbox_rt.voices import VoiceLibrary
+
+root, me, clip, voice_file, barrier = sys.argv[1:]
+barrier = Path(barrier)
+
+class T:
+    variant = "chatterbox"
+    def prepare_conditionals(self, wav, sr=None, exaggeration=0.5):
+        (barrier / me).touch()
+        deadline = time.monotonic() + 60
+        while len(list(barrier.iterdir())) < 2:  # both processes are past the early check
+            if time.monotonic() > deadline:
+                sys.exit("barrier timeout")
+            time.sleep(0.01)
+        return Voice.load(voice_file)
+
+try:
+    VoiceLibrary(root).add("alice", clip, T())
+    print("added", me)
+except VoiceError as e:
+    print("refused", me, e)
+"""
+
+
+def test_concurrent_adds_of_one_name_processes(tmp_path):
+    """The same race between two processes (two VoiceLibrary objects, no shared memory): the lock
+    file serialises the commits and the name is checked again under it."""
+    import subprocess
+    import sys
+
+    root, barrier = tmp_path / "voices", tmp_path / "barrier"
+    barrier.mkdir()
+    files = []
+    for i in (1, 2):
+        files.append(dummy_voice(150, seed=i).save(tmp_path / f"v{i}.pt"))
+    procs = [subprocess.Popen([sys.executable, "-c", _ADD_IN_A_PROCESS, str(root), str(i), str(CLIP), str(f),
+                               str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, f in zip((1, 2), files)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            outs.append(out.strip())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    added = [o for o in outs if o.startswith("added")]
+    refused = [o for o in outs if o.startswith("refused")]
+    assert len(added) == 1 and len(refused) == 1, outs
+    assert "already exists" in refused[0]
+    winner = int(added[0].split()[1])
+    assert same_voice(VoiceLibrary(root).get("alice"), Voice.load(files[winner - 1]))
+    assert entries(root) == ["alice.json", "alice.pt"]
+
+
+def test_overwrite_races_are_serialised(lib):
+    """With overwrite=True both concurrent adds succeed, one after the other: a complete entry."""
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def add(i):
+        try:
+            lib.add("alice", CLIP, FakeTTS(barrier=barrier, seed=100 * i), overwrite=True)
+        except BaseException as e:  # noqa: B036 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and entries(lib.root) == ["alice.json", "alice.pt"]
+    lib.get("alice")
+
+
+# --------------------------------------------------------------------------- the CLI's voices commands
+
+def _cli(argv, capsys):
+    from chatterbox_rt.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_lists_and_removes_broken_entries(lib, capsys):
+    broken = _break_entries(lib)
+    rc, out, err = _cli(["voices", "list", "--library", lib.root], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{len(broken) + 1} voice(s) in {lib.root}, {len(broken)} broken"
+    assert lines[1].split() == ["NAME", "VARIANT", "DURATION", "CREATED"]
+    rows = {line.split()[0]: line for line in lines[2:-1]}
+    assert list(rows) == sorted(["alice", *broken])
+    assert rows["alice"].split()[1] == "chatterbox"
+    for name, match in broken.items():
+        assert re.search(rf"^{name} +\(broken: .*{match}", rows[name]), rows[name]
+    assert "voices remove NAME" in lines[-1]
+    for name in broken:
+        rc, out, err = _cli(["voices", "remove", name, "--library", lib.root], capsys)
+        assert rc == 0 and f"removed voice {name!r}" in out, err
+    rc, out, _ = _cli(["voices", "list", "--library", lib.root], capsys)
+    assert out.splitlines()[0] == f"1 voice(s) in {lib.root}" and "broken" not in out
+
+
+def test_cli_library_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "lib"
+    f.write_text("")
+    for argv in (["voices", "list"], ["voices", "remove", "x"],
+                 ["voices", "add", "x", CLIP, "--dummy-weights", "--device", "cpu"]):
+        rc, out, err = _cli(argv + ["--library", f], capsys)
+        assert rc == 2 and err.startswith("chatterbox-rt: error:") and "is a file, not a directory" in err, err
+        assert "no voices" not in out
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "11"])
+def test_cli_add_refuses_a_bad_exaggeration_before_loading_a_model(tmp_path, capsys, monkeypatch, value):
+    from chatterbox_rt import cli
+
+    monkeypatch.setattr(cli, "_load_tts", lambda args: pytest.fail("the model was loaded"))
+    rc, _, err = _cli(["voices", "add", "x", CLIP, "--library", tmp_path / "lib", "--dummy-weights",
+                       f"--exaggeration={value}"], capsys)
+    assert rc == 2 and "--exaggeration must be" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "lib" / "x.json").exists()
