@@ -408,12 +408,12 @@ def _summary(times: dict, n_tokens: int, audio_s: float, peak_mem_mb: float, ext
 
 def _speedup(ours: dict, ref: dict) -> dict:
     out = {}
-    for k in LOWER_IS_BETTER:
-        if ours.get(k) is not None and ref.get(k) is not None and ours[k] > 0:
-            out[k] = ref[k] / ours[k]
-    for k in HIGHER_IS_BETTER:
-        if ours.get(k) is not None and ref.get(k) is not None and ref[k] > 0:
-            out[k] = ours[k] / ref[k]
+    # A ratio only of two positive figures: a decode time per token at or below zero is timer
+    # noise with very few tokens (the schema lets t3_ms_per_token be absent then).
+    for k in LOWER_IS_BETTER + HIGHER_IS_BETTER:
+        a, b = ours.get(k), ref.get(k)
+        if a is not None and b is not None and a > 0 and b > 0:
+            out[k] = b / a if k in LOWER_IS_BETTER else a / b
     return out
 
 
@@ -496,8 +496,7 @@ def profile_request(side: Side, stages: list, path: Path) -> None:
             with record_function(f"chatterbox_rt.{st}"):
                 side.fns[st]()
         side.sync()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
+    prof.export_chrome_trace(str(path))  # its directory was checked by validate()
 
 
 # ------------------------------------------------------------------------------ report
@@ -588,8 +587,7 @@ def write_plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{cfg['variant']} {env['device']} {env['precision']}, {env['gpu_name'] or env['cpu']}, "
                  f"{cfg['tokens']} tokens, {env['date'][:10]}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=110)
+    fig.savefig(str(path), dpi=110)  # its directory was checked by validate()
     plt.close(fig)
 
 
@@ -610,15 +608,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice", metavar="CLIP", help="reference clip for voice preparation (default: synthetic 6.5 s)")
     p.add_argument("--concurrency", default="1", metavar="N[,N...]",
                    help="concurrent whole requests per level, e.g. 1,4,16 (default 1)")
-    p.add_argument("--stream", action="store_true", help="time to the first streamed audio chunk")
+    p.add_argument("--stream", action="store_true",
+                   help="time to the first streamed audio chunk: NOT AVAILABLE YET, refused until the runtime "
+                        "streams audio (first_audio_ms covers the whole request meanwhile)")
     p.add_argument("--compare-upstream", action="store_true",
                    help="also run the reference (chatterbox-tts 0.1.7) with identical weights and inputs")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before timing (default 1)")
     p.add_argument("--runs", type=int, default=3, help="timed runs; median and p90 reported (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="weights (dummy) and sampling seed: 0 .. 2^63-1 (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     p.add_argument("--no-watermark", action="store_true", help="leave the watermark stage out")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON (its directory must exist)")
     p.add_argument("--plot", metavar="PATH", help="PNG: RTF and x real time against concurrency (+ speed-ups)")
     p.add_argument("--profile", metavar="PATH", help="torch profiler Chrome trace of one of our requests")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as CHATTERBOX_RT_NVTX=1)")
@@ -651,11 +651,27 @@ def _read_texts(path: Optional[str]) -> list:
     return texts
 
 
+def _tokens_limit_error(n: int, variant: str, limit: int, why: str) -> ValueError:
+    return ValueError(f"--tokens {n}: one {variant} request can generate at most {limit} speech tokens{why}; "
+                      f"ask for fewer (the default, 250, is 10 s of audio)")
+
+
 def validate(args) -> None:
+    """Every option, before anything loads (the output paths included: a missing directory is an
+    error, as for ``synth -o``, not created)."""
+    from ..cli import check_runtime_options, max_new_tokens_limit
+    from ..models.t3.config import canonical_variant
+
     if not args.ckpt and not args.dummy_weights:
         raise ValueError("no model: give --ckpt DIR or --dummy-weights (seeded random weights)")
     if args.tokens < 2:
         raise ValueError(f"--tokens must be >= 2 (the decode rate needs two timings); got {args.tokens}")
+    variant = canonical_variant(args.variant)
+    limit = max_new_tokens_limit(variant)
+    if args.tokens > limit:
+        raise _tokens_limit_error(args.tokens, variant, limit, " (Turbo/Nano: with a full-length voice prompt)"
+                                  if variant in ("turbo", "nano") else "")
+    check_runtime_options(args)  # --threads, --seed, --device, --dtype, CHATTERBOX_RT_KERNELS
     if args.runs < 1 or args.warmup < 1:
         raise ValueError("--runs and --warmup must be >= 1 (the warm-up pass also measures memory)")
     if args.reduced_t3 and not args.dummy_weights:
@@ -678,6 +694,21 @@ def validate(args) -> None:
                               "tests/requirements-reference.txt)")
     if args.voice and not Path(args.voice).is_file():
         raise ValueError(f"--voice {args.voice}: no such file")
+    if args.voice:
+        from ..audio import check_voice_clip, load_audio
+        from ..tts import MIN_VOICE_SECONDS
+
+        wav, sr = load_audio(args.voice, target_sr=CLIP_SR)
+        check_voice_clip(wav, sr, min_seconds=MIN_VOICE_SECONDS[variant], name=str(args.voice))
+    from ..audio_out import check_output_path
+
+    for option in ("json", "plot", "profile"):
+        path = getattr(args, option)
+        if path is not None:
+            try:
+                check_output_path(path)
+            except OSError as e:
+                raise OSError(f"--{option}: {e}") from None
 
 
 def run(args) -> dict:
@@ -710,6 +741,11 @@ def run(args) -> dict:
         stages = [s for s in STAGES if watermark or s != "watermark"]
         with torch.inference_mode():
             sides = [our_side(ours, clip, text_ids, n, args.seed, watermark)]
+            room = ours.t3.max_text_tokens(sides[0].voice.t3, n)
+            longest = max(int(x.numel()) for x in ids)
+            if longest > room:  # Turbo/Nano: the voice's prompt, the text and the speech share positions
+                raise _tokens_limit_error(n, args.variant, n - (longest - room),
+                                          f" with this voice and a text of {longest} tokens")
             if ref_tts is not None:
                 sides.append(reference_side(ref_tts, clip, text_ids, n, args.seed, watermark, device))
 
@@ -748,8 +784,9 @@ def main(args) -> int:
     result = run(args)
     print(format_report(result), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False))
+        from ..audio_out import write_bytes
+
+        write_bytes(args.json, json.dumps(result, indent=2, allow_nan=False).encode())  # atomically
         print(f"bench: wrote {args.json}")
     if args.plot:
         write_plot(result, Path(args.plot))

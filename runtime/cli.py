@@ -1,29 +1,53 @@
 """The ``chatterbox-rt`` command.
 
 * ``demo``: T3 (text -> speech tokens) for one or every variant, reporting its decode speed.
-* ``synth TEXT -o out.wav``: text to a 16-bit 24 kHz WAV. Long text is split into sentences
-  (:func:`split_text`), each is synthesised, and they are joined with a short silence.
-* ``vc SOURCE -o out.wav --target clip.wav``: voice conversion.
+* ``synth TEXT -o out.wav``: text to 24 kHz audio, in the format the extension or ``--format``
+  names (``chatterbox_rt.audio_out``: WAV, FLAC, MP3, Ogg/Vorbis, Opus, raw PCM), written
+  atomically; ``-o -`` is standard output. Long text is split into sentences
+  (:func:`split_text`, then :func:`fit_tokens` for the model's text limit), each is synthesised,
+  and they are joined with a short silence.
+* ``vc SOURCE -o out.wav --target clip.wav``: voice conversion (the same outputs).
 * ``voices add|list|remove``: the persistent voice library (``chatterbox_rt.voices``).
 * ``bench``: per-stage speed, optionally against the reference (``chatterbox_rt.profiling.bench``).
 
 Models come from ``--ckpt DIR`` (the official file names) or ``--dummy-weights`` (seeded random
 weights at the real shapes: the speed is real, the audio is noise). A user error prints one line
-``chatterbox-rt: error: ...`` and exits with status 2.
+``chatterbox-rt: error: ...`` and exits with status 2; every option, clip and output path that can
+be checked without the models is checked before they load.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from . import VARIANTS, __version__
+
+# The top-level --help text (the module docstring above is Sphinx markup, for the API docs).
+DESCRIPTION = """\
+Chatterbox text-to-speech from the command line.
+
+  demo     T3 (text -> speech tokens) for one or every variant, with its decode speed
+  synth    text -> audio file (WAV, FLAC, MP3, Ogg/Vorbis, Opus or raw PCM; '-o -' is stdout)
+  vc       voice conversion: SOURCE speech in a target voice -> audio file
+  voices   the voice library: add, list, remove
+  bench    per-stage speed, optionally against the reference
+
+Models come from --ckpt DIR (the official file names) or --dummy-weights (seeded random
+weights at the real shapes: the speed is real, the audio is noise). A user error prints one
+line "chatterbox-rt: error: ..." and exits with status 2. 'chatterbox-rt COMMAND --help'
+describes each command."""
 
 DEMO_TEXT = "Chatterbox-rt turns text into speech tokens, fast and exactly like the reference."
 # Placeholder text length with dummy weights (there are no tokenizer files to read).
 DUMMY_TEXT_TOKENS = 48
+# --seed: what torch's and NumPy's generators both take (a signed 64-bit integer, not negative).
+SEED_MAX = 2**63 - 1
+SEED_HELP = f"makes sampling reproducible: an integer 0 .. 2^63-1 ({SEED_MAX})"
 
 
 def _dtype(name: str):
@@ -31,19 +55,110 @@ def _dtype(name: str):
 
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
+    key = str(name).strip().lower()
+    if key not in table:
         raise ValueError(f"unknown --dtype {name!r}; choose from fp32, bf16, fp16")
-    return table[name]
+    return table[key]
 
 
-def _device(name: str):
+def available_devices() -> list:
+    """The --device values that work on this machine (``auto`` first)."""
     import torch
 
-    if name == "auto":
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for kind, module in (("mps", getattr(torch.backends, "mps", None)), ("xpu", getattr(torch, "xpu", None))):
+        try:
+            if module is not None and module.is_available():
+                names.append(kind)
+        except Exception:  # noqa: BLE001 - a half-present backend: not available
+            continue
+    return names
+
+
+def _device(name: str) -> str:
+    """A --device value -> the torch device string to use; an unknown or absent device is a
+    ValueError listing the ones this machine has (checked before any model is loaded)."""
+    import torch
+
+    key = str(name).strip().lower()
+    if key == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
-    return name
+    have = available_devices()
+    if key in have:
+        return key
+    if key.startswith("cuda"):
+        why = (f"torch sees {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else
+               "torch sees no CUDA device" + ("" if torch.version.cuda else " (this torch is a CPU-only build)"))
+    elif key in ("mps", "xpu"):
+        why = f"torch has no usable {key} device here"
+    elif key == "meta":
+        why = "meta tensors hold no data, so nothing could be computed"
+    else:
+        why = "not a device torch can run this on"
+    raise ValueError(f"--device {name!r}: {why}; this machine has {', '.join(have)}")
+
+
+def _check_threads(threads) -> None:
+    if threads is not None and threads < 0:
+        raise ValueError(f"--threads must be >= 1 (or 0 for torch's choice), got {threads}")
+
+
+def _check_seed(seed, option: str = "--seed") -> None:
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{option} must be an integer from 0 to 2^63-1 ({SEED_MAX}), got {seed}")
+
+
+def _check_kernels(device: str) -> None:
+    """``CHATTERBOX_RT_KERNELS`` names a backend that can run on ``device`` (or is unset)."""
+    from .kernels import dispatch
+
+    forced = dispatch.requested()  # ValueError for a name that is no backend
+    if forced is None:
+        return
+    try:
+        dispatch.summary(device)
+    except dispatch.KernelUnavailable as e:
+        raise ValueError(f"{e}; unset {dispatch.ENV_VAR} for the automatic choice (or set it to native)") from None
+
+
+def check_runtime_options(args) -> str:
+    """--threads, --seed, --device, --dtype and CHATTERBOX_RT_KERNELS, before anything loads
+    (shared by every model command, bench included) -> the torch device string."""
+    _check_threads(getattr(args, "threads", None))
+    _check_seed(getattr(args, "seed", None))
+    device = _device(args.device)
+    _dtype(args.dtype)
+    _check_kernels(device)
+    return device
+
+
+def max_new_tokens_limit(variant: str) -> int:
+    """The most speech tokens one T3 call of ``variant`` can generate, known without loading it:
+    the Llama variants' speech positions; for Turbo/Nano the shared positions left after a
+    full-length voice prompt, the start-of-speech token and one text token."""
+    from .models.t3 import T3Config
+
+    cfg = T3Config.for_variant(variant)
+    if cfg.learned_pos_emb:
+        return cfg.speech_pos_len - 1
+    cond = 1 + cfg.speech_cond_prompt_len  # speaker embedding + prompt tokens (no perceiver, no emotion)
+    return cfg.backbone.n_positions - cond - 1 - 1
+
+
+def _check_tokens(n, variant: Optional[str], option: str) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"{option} must be >= 1, got {n}")
+    if variant is not None:
+        limit = max_new_tokens_limit(variant)
+        if n > limit:
+            gpt = variant in ("turbo", "nano")
+            raise ValueError(f"{option} {n} is more than the {variant} model can generate in one call: at most "
+                             f"{limit} speech tokens" + (" (its positions are shared with the voice prompt and "
+                                                         "the text)" if gpt else ""))
 
 
 def _builtin_cond(ckpt: Path, device):
@@ -73,7 +188,9 @@ def _demo_one(variant: str, args) -> None:
     if args.ckpt:
         from .text import load_text_frontend
 
-        model = T3.from_local(args.ckpt, variant=variant, device=device, dtype=dtype)
+        model = T3.from_local(args.ckpt, variant=variant, device=device, dtype=dtype, t3_file=args.t3_file,
+                              lora=args.lora, behaviour=args.behaviour)
+        variant = model.config.variant
         cond = _builtin_cond(Path(args.ckpt), device)
         frontend = load_text_frontend(args.ckpt, model.config.variant)
         language = args.language or ("en" if model.config.variant == "multilingual" else None)
@@ -113,14 +230,28 @@ def _demo_one(variant: str, args) -> None:
 def cmd_demo(args) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .checkpoint import BUILTIN_VOICE_FILE
+    from .models.t3.config import canonical_variant
+
+    check_runtime_options(args)
+    _check_t3_options(args)
     if args.ckpt:
         from .checkpoint import detect_variant
 
-        variants = [args.variant if args.variant != "all" else detect_variant(args.ckpt)]
+        if args.variant != "all":
+            variants = [args.variant]
+        else:  # a named --t3-file decides the variant at load
+            variants = [None if args.t3_file else detect_variant(args.ckpt)]
+        if not (Path(args.ckpt) / BUILTIN_VOICE_FILE).is_file():
+            raise ValueError(f"{Path(args.ckpt) / BUILTIN_VOICE_FILE} not found: the demo uses the checkpoint's "
+                             "built-in voice")
     else:
         variants = list(VARIANTS) if args.variant == "all" else [args.variant]
+    for v in variants:
+        _check_tokens(args.tokens, canonical_variant(v) if v else None, "--tokens")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.ckpt:
         print("chatterbox-rt demo: no checkpoint given (--ckpt DIR), so seeded random weights at real shapes are "
               "used; the tokens are meaningless, the speed is real.")
     for v in variants:
@@ -146,20 +277,56 @@ def _note(msg: str) -> None:
     print(f"chatterbox-rt: {msg}", file=sys.stderr)
 
 
+def _first_cut(sentence: str, max_chars: int) -> tuple[str, str]:
+    """(head, rest): ``head`` at most ``max_chars`` characters, cut after the last ', ; :' in
+    reach, else at the last space, else hard."""
+    head = sentence[: max_chars + 1]
+    soft = [m.end() for m in _SOFT_BREAK.finditer(head)]
+    cut = soft[-1] if soft else head.rfind(" ") + 1
+    if cut <= 0:
+        cut = max_chars
+    return sentence[:cut].strip(), sentence[cut:].strip()
+
+
 def _cut_long(sentence: str, max_chars: int) -> list[str]:
     """A sentence longer than ``max_chars`` -> pieces at the last ', ; :' in reach, else the last
     space, else a hard cut."""
     out = []
     while len(sentence) > max_chars:
-        head = sentence[: max_chars + 1]
-        soft = [m.end() for m in _SOFT_BREAK.finditer(head)]
-        cut = soft[-1] if soft else head.rfind(" ") + 1
-        if cut <= 0:
-            cut = max_chars
-        out.append(sentence[:cut].strip())
-        sentence = sentence[cut:].strip()
+        piece, sentence = _first_cut(sentence, max_chars)
+        out.append(piece)
     if sentence:
         out.append(sentence)
+    return out
+
+
+def fit_tokens(chunks: list, n_tokens: Callable[[str], int], limit: int) -> list:
+    """Chunks -> chunks of at most ``limit`` tokens (``n_tokens(text)`` counts them): a chunk over
+    the limit is cut, as :func:`split_text` cuts long sentences, at the last ', ; :' or space
+    within the longest prefix that fits (found by bisection), else hard; the rest is cut again
+    until it fits. ValueError if not even one character fits."""
+    out = []
+    for chunk in chunks:
+        rest = chunk
+        while rest:
+            if n_tokens(rest) <= limit:
+                out.append(rest)
+                break
+            lo, hi = 0, len(rest)  # rest[:lo] fits (0: nothing yet), rest[:hi] does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if n_tokens(rest[:mid].strip()) <= limit:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo == 0:
+                raise ValueError(f"the model takes at most {limit} text token(s) per call, too few for even "
+                                 f"{rest[:1]!r}")
+            piece, tail = _first_cut(rest, lo)
+            if not piece or n_tokens(piece) > limit:  # the break landed badly: cut where it is known to fit
+                piece, tail = rest[:lo].strip(), rest[lo:].strip()
+            out.append(piece)
+            rest = tail
     return out
 
 
@@ -212,22 +379,178 @@ def _need_file(path, what: str) -> Path:
     return p
 
 
-def _output_path(path) -> Path:
+def _output_target(args):
+    """-o and --format, checked before anything loads -> (path or "-", format)."""
+    from . import audio_out
+
+    fmt = audio_out.check_format(args.format) if args.format else None
+    if args.output == audio_out.STDOUT:
+        if sys.stdout is None:
+            raise ValueError("-o -: there is no standard output to write to")
+        _not_a_terminal(args.output)
+        return audio_out.STDOUT, fmt or "wav"
+    try:
+        p = audio_out.check_output_path(args.output)
+    except IsADirectoryError:
+        p = Path(args.output).expanduser()
+        raise ValueError(f"-o {p} is a directory; give a file name such as {p / 'out.wav'}") from None
+    if _is_stdout(p):  # -o /dev/stdout (or /proc/self/fd/1): as '-', messages on standard error
+        _not_a_terminal(args.output)
+        return audio_out.STDOUT, fmt or _format_by_name(p) or "wav"
+    try:
+        by_name = audio_out.format_for_path(p)
+    except ValueError:
+        by_name = None
+        if fmt is None:
+            fmt = audio_out.default_format(p)  # a device or FIFO: WAV; a file without an audio extension: error
+    if fmt is not None and by_name is not None and fmt != by_name:
+        raise ValueError(f"-o {p} names a {by_name} file but --format {fmt} was given; change the extension or "
+                         f"drop --format")
+    return p, fmt or by_name
+
+
+def _not_a_terminal(output) -> None:
+    if sys.stdout.isatty():
+        raise ValueError(f"-o {output} writes the audio to standard output, which is a terminal here; redirect "
+                         "it (> out.wav) or pipe it into a player")
+
+
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is what standard output already writes to (``/dev/stdout``, or the file
+    stdout is redirected to): the audio then goes through that stream, not a rename over it."""
+    import os
+
+    try:
+        st, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):  # no such file, or stdout has no descriptor (captured)
+        return False
+    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
+def _format_by_name(path: Path) -> Optional[str]:
+    from . import audio_out
+
+    try:
+        return audio_out.format_for_path(path)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _audio_sink(target):
+    """Where the audio goes. For "-": standard output's binary stream, with everything the command
+    prints (progress, notes, the final line) sent to standard error meanwhile."""
+    if target != "-":
+        yield target
+        return
+    stream = sys.stdout
+    sink = getattr(stream, "buffer", stream)
+    with contextlib.redirect_stdout(sys.stderr):
+        yield sink
+
+
+def _need_dir(path, what: str) -> Path:
     p = Path(path).expanduser()
-    if p.is_dir():
-        raise ValueError(f"-o {p} is a directory; give a file name such as {p / 'out.wav'}")
-    if not p.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {p}: directory {p.parent} does not exist")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} not found: {p}" + (" (it is a file)" if p.is_file() else ""))
     return p
 
 
-def _write_wav(path: Path, wav, sr: int) -> float:
-    """Float waveform -> 16-bit PCM WAV (clipped to [-1, 1] first: libsndfile would wrap around)."""
-    import soundfile as sf
+def _check_t3_options(args) -> None:
+    """--t3-file and --lora: only with --ckpt, and present."""
+    t3_file, lora = getattr(args, "t3_file", None), getattr(args, "lora", None)
+    for option, value in (("--t3-file", t3_file), ("--lora", lora)):
+        if value is not None and not args.ckpt:
+            raise ValueError(f"{option} applies to a checkpoint: give --ckpt DIR (not --dummy-weights)")
+    if t3_file is not None:
+        from .checkpoint import t3_file_path
 
-    data = wav.detach().reshape(-1).float().clamp(-1.0, 1.0).cpu().numpy()
-    sf.write(str(path), data, sr, subtype="PCM_16", format="WAV")
-    return data.shape[0] / sr
+        _need_file(t3_file_path(args.ckpt, t3_file), "--t3-file")
+    if lora is not None:
+        _need_dir(lora, "--lora adapter directory")
+
+
+def _variant(args) -> Optional[str]:
+    """The variant (canonical name) the command will load, known before loading: --variant, else
+    the checkpoint's T3 file name, else the dummy default; None when a named --t3-file decides."""
+    from .models.t3.config import canonical_variant
+
+    if getattr(args, "variant", None):
+        return canonical_variant(args.variant)
+    if not args.ckpt:
+        return DUMMY_VARIANT
+    if getattr(args, "t3_file", None):
+        return None
+    from .checkpoint import detect_variant
+
+    return canonical_variant(detect_variant(args.ckpt))
+
+
+def _check_clip(path, what: str, min_seconds: Optional[float], sr: int = 24000) -> Path:
+    """Read a clip and refuse it (unreadable, empty, NaN, silent, too short) before any model loads,
+    with the checks the models themselves apply. ``min_seconds`` None: the length is checked later."""
+    from .audio import check_voice_clip, load_audio
+
+    p = _need_file(path, what)
+    wav, rate = load_audio(p, target_sr=sr)
+    check_voice_clip(wav, rate, min_seconds=min_seconds or 0.0, name=str(p))
+    return p
+
+
+def _voice_clip_check(args, clip, variant: Optional[str]) -> Path:
+    """A reference clip for a TTS voice (synth --voice, voices add CLIP), checked before loading."""
+    from .tts import MIN_VOICE_SECONDS
+
+    return _check_clip(clip, "voice clip", MIN_VOICE_SECONDS[variant] if variant else None)
+
+
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "min_p": "--min-p", "top_k": "--top-k",
+                  "repetition_penalty": "--repetition-penalty", "cfg_weight": "--cfg-weight"}
+GPT_IGNORED = ("min_p", "cfg_weight")  # not supported by Turbo/Nano (as in the reference)
+
+
+def _check_sampling(args, variant: Optional[str]) -> None:
+    """Each sampling option given, against the rules T3 applies (worded with the option's name)."""
+    from .models.t3 import T3Config
+    from .models.t3.sampling import SamplingParams
+
+    defaults = T3Config.for_variant(variant or DUMMY_VARIANT).sampling
+    for name, flag in SAMPLING_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = {k: getattr(defaults, k) for k in SAMPLING_FLAGS}
+        values[name] = value
+        try:
+            SamplingParams(**values).validate()
+        except ValueError as e:
+            raise ValueError(str(e).replace(f"{name}=", f"{flag} ", 1)) from None
+
+
+def _ignored_for(args, variant: Optional[str]) -> list:
+    """Sampling options (dest names) the variant ignores; each gets one line on stderr."""
+    if variant not in ("turbo", "nano"):
+        return []
+    ignored = [k for k in GPT_IGNORED if getattr(args, k) is not None]
+    flags = [SAMPLING_FLAGS[k] for k in ignored]
+    if getattr(args, "exaggeration", None) is not None:
+        flags.append("--exaggeration")
+    for flag in flags:
+        _note(f"{flag} is not supported by {variant} (as in the reference) and is ignored")
+    return ignored
+
+
+def _check_language(language: Optional[str], variant: Optional[str]) -> None:
+    if language is None or variant is None:
+        return
+    from .text import SUPPORTED_LANGUAGES
+
+    if variant == "multilingual":
+        if language.lower() not in SUPPORTED_LANGUAGES:
+            raise ValueError(f"--language {language!r} is not one the multilingual model speaks; choose one of "
+                             f"{', '.join(SUPPORTED_LANGUAGES)}")
+    elif language.lower() != "en":
+        raise ValueError(f"--language {language!r}: the {variant} model is English only")
 
 
 def _check_watermark(args) -> None:
@@ -244,12 +567,19 @@ def _library(args):
     return VoiceLibrary(args.library)
 
 
-def _model_source(args) -> None:
+def _check_model_options(args) -> None:
+    """Every option that decides what loads and where, checked before anything loads."""
     if not args.ckpt and not args.dummy_weights:
         raise ValueError("no model: give --ckpt DIR (a checkpoint directory with the official files) or "
                          "--dummy-weights (seeded random weights; the audio is noise)")
     if args.t3_layers and not args.dummy_weights:
         raise ValueError("--t3-layers (a testing aid) only applies with --dummy-weights")
+    check_runtime_options(args)
+    _check_t3_options(args)
+
+
+def _model_source(args) -> None:
+    _check_model_options(args)
     if args.threads:
         import torch
 
@@ -264,27 +594,42 @@ def _load_tts(args):
 
     device, dtype = _device(args.device), _dtype(args.dtype)
     if args.ckpt:
-        return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype)
+        return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype,
+                              t3_file=getattr(args, "t3_file", None), lora=getattr(args, "lora", None),
+                              behaviour=getattr(args, "behaviour", None))
     variant = args.variant or DUMMY_VARIANT
+    behaviour = getattr(args, "behaviour", None)
     overrides = {}
     if args.t3_layers:
         # Testing aid: a T3 with fewer layers (S3Gen stays full size).
         from .models.t3.config import smaller_backbone
 
-        overrides = smaller_backbone(variant, num_layers=args.t3_layers)
+        overrides = smaller_backbone(variant, behaviour=behaviour, num_layers=args.t3_layers)
+    elif behaviour is not None:
+        overrides = dict(behaviour=behaviour)
     return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, **overrides)
+
+
+def _decode_text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # strict; a leading byte-order mark is not text
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text ({e})") from None
 
 
 def _read_text(args) -> str:
     if args.text_file is not None:
         if args.text is not None:
             raise ValueError("give the text either as TEXT or with --text-file, not both")
-        try:
-            text = _need_file(args.text_file, "text file").read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{args.text_file} is not UTF-8 text ({e})") from e
+        path = _need_file(args.text_file, "text file")
+        text = _decode_text(path.read_bytes(), str(args.text_file))
     elif args.text == "-":
-        text = sys.stdin.read()
+        if sys.stdin is None:
+            raise ValueError("TEXT is '-' but there is no standard input to read")
+        if sys.stdin.isatty():
+            _note("reading the text from standard input (end it with Ctrl-D)")
+        stream = getattr(sys.stdin, "buffer", None)
+        text = _decode_text(stream.read(), "standard input") if stream is not None else sys.stdin.read()
     elif args.text is not None:
         text = args.text
     else:
@@ -294,19 +639,56 @@ def _read_text(args) -> str:
     return text
 
 
+def _builtin_voice_check(args, given: bool, options: str) -> None:
+    """Without a voice option the checkpoint's conds.pt is the voice: it must be there."""
+    if given or not args.ckpt:
+        return
+    from .checkpoint import BUILTIN_VOICE_FILE
+
+    if not (Path(args.ckpt) / BUILTIN_VOICE_FILE).is_file():
+        raise ValueError(f"{args.ckpt} has no built-in voice ({BUILTIN_VOICE_FILE}): give {options}")
+
+
+def _text_limit(tts, voice, max_new: Optional[int]) -> int:
+    """Text tokens one call takes with this voice and --max-new-tokens (CLI-worded when none)."""
+    limit = tts.max_text_tokens(voice, max_new)
+    if limit < 1:
+        n = max_new if max_new is not None else tts.t3.config.sampling.max_new_tokens
+        raise ValueError(f"--max-new-tokens {n} leaves no room for text with this voice on the {tts.variant} "
+                         f"model (its positions are shared with the voice prompt); ask for at most "
+                         f"{n + limit - 1}")
+    return limit
+
+
 def cmd_synth(args) -> int:
     import torch
 
-    from .tts import SAMPLING_ARGS  # the argparse dests of the sampling options have the same names
+    from . import audio_out
+    from .voice import check_exaggeration
 
     chunks = split_text(_read_text(args))
-    out = _output_path(args.output)
+    target, fmt = _output_target(args)
+    _check_model_options(args)
+    variant = _variant(args)  # None: a named --t3-file decides; the checks below then follow the load
+    _check_tokens(args.max_new_tokens, variant, "--max-new-tokens/--tokens")
+    _check_sampling(args, variant)
+    if args.exaggeration is not None:
+        check_exaggeration(args.exaggeration, "--exaggeration")
+    _check_language(args.language, variant)
+    if args.ckpt and not args.t3_file:
+        from .checkpoint import check_files
+
+        check_files(args.ckpt, args.variant or variant)  # every missing file named at once
     if args.voice:
-        _need_file(args.voice, "voice clip")
+        _voice_clip_check(args, args.voice, variant)
     library = None
     if args.voice_id:
         library = _library(args)
         library.info(args.voice_id)  # exists? (before the model loads)
+        if variant is not None:
+            library.check_variant(args.voice_id, variant)
+    _builtin_voice_check(args, bool(args.voice or args.voice_id), "--voice CLIP or --voice-id NAME")
+    ignored = _ignored_for(args, variant)
     _model_source(args)
     _check_watermark(args)
     max_new = args.max_new_tokens
@@ -315,77 +697,116 @@ def cmd_synth(args) -> int:
         _note(f"--dummy-weights: random weights rarely emit end-of-speech, so each chunk stops after "
               f"{max_new} speech tokens (~{max_new / 25:.0f} s); --tokens N changes that")
 
-    tts = _load_tts(args)
-    if args.voice:
-        voice = tts.prepare_conditionals(args.voice, exaggeration=0.5 if args.exaggeration is None
-                                         else args.exaggeration)
-    elif library is not None:
-        voice = library.get(args.voice_id, device=tts.device, variant=tts.variant)
-    else:
-        voice = None  # the checkpoint's built-in voice (conds.pt)
-    language = args.language or ("en" if tts.variant == "multilingual" else None)
-    sampling = {k: getattr(args, k) for k in SAMPLING_ARGS if getattr(args, k) is not None}
-    if max_new is not None:
-        sampling["max_new_tokens"] = max_new
+    with _audio_sink(target) as sink:
+        tts = _load_tts(args)
+        if variant is None:  # known now: the checks that needed it
+            _check_tokens(args.max_new_tokens, tts.variant, "--max-new-tokens/--tokens")
+            _check_language(args.language, tts.variant)
+            ignored = _ignored_for(args, tts.variant)
+        if args.voice:
+            voice = tts.prepare_conditionals(str(args.voice), exaggeration=0.5 if args.exaggeration is None
+                                             else args.exaggeration)
+        elif library is not None:
+            voice = library.get(args.voice_id, device=tts.device, variant=tts.variant)
+        else:
+            voice = None  # the checkpoint's built-in voice (conds.pt)
+            if tts.builtin_voice is None:
+                raise ValueError("this checkpoint has no built-in voice (conds.pt): give --voice CLIP or "
+                                 "--voice-id NAME")
+        language = args.language or ("en" if tts.variant == "multilingual" else None)
+        sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None and k not in ignored}
+        if max_new is not None:
+            sampling["max_new_tokens"] = max_new
+        limit = _text_limit(tts, voice, max_new)
+        chunks = fit_tokens(chunks, lambda t: int(tts.text_tokens(t, language).numel()), limit)
 
-    gap = torch.zeros(int(SENTENCE_GAP_S * tts.sr))
-    pieces = []
-    t0 = time.perf_counter()
-    for i, chunk in enumerate(_progress(chunks, "synthesising")):
-        wav = tts.generate(chunk, voice, seed=args.seed, language_id=language, watermark=False,
-                           exaggeration=args.exaggeration, **sampling)
-        if i:
-            pieces.append(gap)
-        pieces.append(wav.reshape(-1))
-    wav = torch.cat(pieces)
-    if not args.no_watermark:
-        from .watermark import watermark_output
+        gap = torch.zeros(int(SENTENCE_GAP_S * tts.sr))
+        pieces = []
+        t0 = time.perf_counter()
+        for i, chunk in enumerate(_progress(chunks, "synthesising")):
+            wav = tts.generate(chunk, voice, seed=args.seed, language_id=language, watermark=False,
+                               exaggeration=args.exaggeration, **sampling)
+            if i:
+                pieces.append(gap)
+            pieces.append(wav.reshape(-1))
+        wav = torch.cat(pieces)
+        if not args.no_watermark:
+            from .watermark import watermark_output
 
-        wav = watermark_output(wav, tts.sr)  # once over the joined audio
-    dt = time.perf_counter() - t0
-    seconds = _write_wav(out, wav, tts.sr)
-    rtf = f", RTF {dt / seconds:.2f}" if seconds else ""
-    print(f"wrote {out}: {seconds:.2f} s of audio at {tts.sr} Hz from {len(chunks)} chunk(s) in {dt:.1f} s{rtf} "
-          f"({tts.variant}, {tts.source}{'' if args.no_watermark else ', watermarked'})")
+            wav = watermark_output(wav, tts.sr)  # once over the joined audio
+        dt = time.perf_counter() - t0
+        audio_out.write(sink, wav, tts.sr, fmt)
+        seconds = wav.numel() / tts.sr
+        rtf = f", RTF {dt / seconds:.2f}" if seconds else ""
+        where = "standard output" if target == "-" else target
+        print(f"wrote {where}: {seconds:.2f} s of {fmt} audio at {tts.sr} Hz from {len(chunks)} chunk(s) in "
+              f"{dt:.1f} s{rtf} ({tts.variant}, {tts.source}{'' if args.no_watermark else ', watermarked'})")
     return 0
 
 
-def cmd_vc(args) -> int:
-    from .vc import VC
+def _check_vc_checkpoint(ckpt) -> None:
+    """The checks VC.from_local makes first (a directory with an S3Gen file), before anything loads."""
+    from .checkpoint import S3GEN_FILES, CheckpointError
 
-    source = _need_file(args.source, "source audio")
-    out = _output_path(args.output)
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    names = list(dict.fromkeys(n for v in ("chatterbox", "multilingual", "turbo") for n in S3GEN_FILES[v]))
+    if not any((ckpt / n).is_file() for n in names):
+        raise CheckpointError(f"no S3Gen checkpoint in {ckpt}: expected one of {', '.join(names)}")
+
+
+def cmd_vc(args) -> int:
+    from . import audio_out
+    from .models.s3gen.s3gen import S3_SR
+    from .vc import MIN_SOURCE_SECONDS, MIN_TARGET_SECONDS, VC
+
+    target_path, fmt = _output_target(args)
+    _check_model_options(args)
+    if args.ckpt:
+        _check_vc_checkpoint(args.ckpt)
+    source = _check_clip(args.source, "source audio", MIN_SOURCE_SECONDS, sr=S3_SR)
     if args.target:
-        _need_file(args.target, "target clip")
+        _check_clip(args.target, "target clip", MIN_TARGET_SECONDS)
     target = None
     if args.target_id:
         target = _library(args).get(args.target_id)  # any variant's voice: VC reads only its S3Gen part
+    _builtin_voice_check(args, bool(args.target or args.target_id), "--target CLIP or --target-id NAME")
     _model_source(args)
     _check_watermark(args)
     device, dtype = _device(args.device), _dtype(args.dtype)
-    if args.ckpt:
-        vc = VC.from_local(args.ckpt, device=device, dtype=dtype)
-    else:
-        vc = VC.from_dummy(seed=args.seed or 0, device=device, dtype=dtype)
-    if args.target:
-        target = str(args.target)
-    t0 = time.perf_counter()
-    wav = vc.generate(str(source), target_voice=target, seed=args.seed, watermark=not args.no_watermark)
-    dt = time.perf_counter() - t0
-    seconds = _write_wav(out, wav, vc.sr)
-    print(f"wrote {out}: {seconds:.2f} s of audio at {vc.sr} Hz in {dt:.1f} s ({vc.source})")
+    with _audio_sink(target_path) as sink:
+        if args.ckpt:
+            vc = VC.from_local(args.ckpt, device=device, dtype=dtype)
+        else:
+            vc = VC.from_dummy(seed=args.seed or 0, device=device, dtype=dtype)
+        if args.target:
+            target = str(args.target)
+        elif target is None and vc.target is None:
+            raise ValueError("this checkpoint has no built-in voice (conds.pt): give --target CLIP or "
+                             "--target-id NAME")
+        t0 = time.perf_counter()
+        wav = vc.generate(str(source), target_voice=target, seed=args.seed, watermark=not args.no_watermark)
+        dt = time.perf_counter() - t0
+        audio_out.write(sink, wav, vc.sr, fmt)
+        seconds = wav.numel() / vc.sr
+        where = "standard output" if target_path == "-" else target_path
+        print(f"wrote {where}: {seconds:.2f} s of {fmt} audio at {vc.sr} Hz in {dt:.1f} s ({vc.source})")
     return 0
 
 
 def cmd_voices_add(args) -> int:
+    from .voice import check_exaggeration
     from .voices import check_name
 
     check_name(args.name)
+    check_exaggeration(args.exaggeration, "--exaggeration")  # before the model loads
     library = _library(args)
     if args.name in library and not args.overwrite:
         raise ValueError(f"a voice named {args.name!r} already exists in {library.root}; add --overwrite to "
                          f"replace it")
     clip = _need_file(args.clip, "voice clip")
+    _voice_clip_check(args, clip, _variant(args))  # unreadable, silent, too short: before the model loads
     _model_source(args)
     tts = _load_tts(args)
     library.add(args.name, clip, tts, exaggeration=args.exaggeration, overwrite=args.overwrite)
@@ -401,12 +822,20 @@ def cmd_voices_list(args) -> int:
     if not infos:
         print(f"no voices in {library.root} (add one with `chatterbox-rt voices add NAME clip.wav ...`)")
         return 0
-    rows = [("NAME", "VARIANT", "DURATION", "CREATED")]
-    rows += [(i.name, i.variant, f"{i.duration_s:.1f} s", i.created) for i in infos]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    print(f"{len(infos)} voice(s) in {library.root}")
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    header = ("NAME", "VARIANT", "DURATION", "CREATED")
+    good = {i.name: (i.name, i.variant, f"{i.duration_s:.1f} s", i.created) for i in infos if not i.broken}
+    widths = [max(len(r[c]) for r in [header, *good.values()]) for c in range(len(header))]
+    widths[0] = max(widths[0], *(len(i.name) for i in infos))
+    broken = [i for i in infos if i.broken]
+    print(f"{len(infos)} voice(s) in {library.root}" + (f", {len(broken)} broken" if broken else ""))
+    for i in [None, *infos]:  # by name, a broken entry in its place
+        if i is not None and i.broken:
+            print(f"{i.name.ljust(widths[0])}  (broken: {i.problem})")
+            continue
+        row = header if i is None else good[i.name]
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if broken:
+        print("`chatterbox-rt voices remove NAME` deletes a broken entry")
     return 0
 
 
@@ -421,9 +850,36 @@ def cmd_voices_remove(args) -> int:
 # Parser
 # ----------------------------------------------------------------------------------------------
 VARIANT_CHOICES = VARIANTS + ("multilingual-v2", "multilingual-v3")
+MULTILINGUAL_BEHAVIOURS = ("0.1.7", "upstream")  # chatterbox_rt.models.t3.config (not imported here: --help stays light)
 
 
-def _model_options(p: argparse.ArgumentParser, variant: bool = True) -> None:
+def _t3_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t3-file", metavar="FILE", default=None,
+                   help="the T3 weights to load instead of the variant's official file: a .safetensors name inside "
+                        "--ckpt (e.g. t3_mtl23ls_v3.safetensors or a Single Language Pack file), v2/v3, or a path; "
+                        "the variant then follows the file unless --variant is given")
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged "
+                        "into T3 at load; needs --ckpt")
+    p.add_argument("--behaviour", "--behavior", dest="behaviour", default=None, choices=MULTILINGUAL_BEHAVIOURS,
+                   help="multilingual only: 0.1.7 (PyPI's: alignment-guided EOS, repetition penalty 2.0; the "
+                        "default for the V2 file) or upstream (upstream HEAD's: no alignment control, penalty 1.2, "
+                        "the last token's audio dropped; the default for V3 and Single Language Pack files)")
+
+
+def _audio_output_options(p: argparse.ArgumentParser) -> None:
+    from .audio_out import FORMATS
+
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file, overwritten atomically; its extension picks the format (.wav .flac .mp3 "
+                        ".ogg/.oga .opus .pcm/.raw); '-' writes to standard output (WAV unless --format), with "
+                        "every message on standard error")
+    p.add_argument("--format", default=None, choices=tuple(FORMATS),
+                   help="audio format instead of the extension's: wav (16-bit PCM), flac, mp3, ogg (Vorbis), opus "
+                        "(Ogg/Opus) or pcm (raw 16-bit little-endian mono samples, no header)")
+
+
+def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = False) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="DIR", help="checkpoint directory (official file names)")
     src.add_argument("--dummy-weights", action="store_true",
@@ -431,10 +887,12 @@ def _model_options(p: argparse.ArgumentParser, variant: bool = True) -> None:
     if variant:
         p.add_argument("--variant", default=None, choices=VARIANT_CHOICES,
                        help=f"model variant (default: detected from --ckpt; {DUMMY_VARIANT} with --dummy-weights)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    if t3:
+        _t3_options(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the default: cuda if present)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     # Testing aid, deliberately undocumented: a dummy T3 with N layers, so CLI tests run fast.
     p.add_argument("--t3-layers", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -445,7 +903,7 @@ def _library_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chatterbox-rt", description=__doc__,
+    p = argparse.ArgumentParser(prog="chatterbox-rt", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"chatterbox-rt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -457,28 +915,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text", default=DEMO_TEXT, help="text to speak (with --ckpt)")
     d.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
     d.add_argument("--tokens", type=int, default=32, help="speech tokens to generate (at most, with --ckpt)")
-    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _t3_options(d)
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the default: cuda if present)")
     d.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    d.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    d.add_argument("--seed", type=int, default=0, help=SEED_HELP + " (default 0)")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("synth", help="text -> 24 kHz WAV",
-                       description="Synthesise TEXT ('-' reads standard input) into a 16-bit 24 kHz WAV. Long text "
-                                   f"is split into sentences (chunks of at most {MAX_CHUNK_CHARS} characters), joined "
-                                   f"with {SENTENCE_GAP_S:g} s of silence.")
+    s = sub.add_parser("synth", help="text -> 24 kHz audio file (WAV, FLAC, MP3, Ogg, Opus, raw PCM)",
+                       description="Synthesise TEXT ('-' reads standard input) into 24 kHz mono audio (16-bit WAV "
+                                   "by default; the output's extension or --format picks another). Long text is "
+                                   f"split into sentences (chunks of at most {MAX_CHUNK_CHARS} characters, cut "
+                                   "further where one would exceed the model's text limit), joined with "
+                                   f"{SENTENCE_GAP_S:g} s of silence.")
     s.add_argument("text", nargs="?", default=None, metavar="TEXT", help="text to speak, or '-' for standard input")
     s.add_argument("--text-file", metavar="PATH", default=None, help="read the text from a UTF-8 file")
-    s.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="output WAV file (overwritten)")
+    _audio_output_options(s)
     vs = s.add_mutually_exclusive_group()
     vs.add_argument("--voice", metavar="CLIP", help="reference clip to clone (default: the checkpoint's voice)")
     vs.add_argument("--voice-id", metavar="NAME", help="a voice from the library (see `voices add`)")
-    _model_options(s)
+    _model_options(s, t3=True)
     _library_option(s)
     s.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
-    s.add_argument("--exaggeration", type=float, default=None, help="emotion exaggeration (Llama variants; 0.5)")
+    s.add_argument("--exaggeration", type=float, default=None,
+                   help="emotion exaggeration, 0-10 (English and multilingual; default the voice's, 0.5; Turbo and "
+                        "Nano ignore it)")
     s.add_argument("--max-new-tokens", "--tokens", dest="max_new_tokens", type=int, default=None, metavar="N",
-                   help=f"speech tokens per chunk at most (default: the variant's; {DUMMY_MAX_NEW_TOKENS} with "
+                   help=f"speech tokens per chunk at most, from 1 to the variant's limit (English/multilingual "
+                        f"4099, Turbo/Nano 7818; default: the variant's 1000; {DUMMY_MAX_NEW_TOKENS} with "
                         "--dummy-weights)")
     s.add_argument("--temperature", type=float)
     s.add_argument("--top-p", type=float)
@@ -489,9 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-watermark", action="store_true", help="skip the PerthNet output watermark")
     s.set_defaults(func=cmd_synth)
 
-    c = sub.add_parser("vc", help="voice conversion: SOURCE speech in the target voice -> WAV")
+    c = sub.add_parser("vc", help="voice conversion: SOURCE speech in the target voice -> audio file",
+                       description="Convert SOURCE speech into the target voice (24 kHz mono audio; the output's "
+                                   "extension or --format picks the format). Voice conversion has one model, the "
+                                   "S3Gen decoder of --ckpt (s3gen.safetensors), so there is no --variant.")
     c.add_argument("source", metavar="SOURCE", help="speech to convert (audio file)")
-    c.add_argument("-o", "--output", required=True, metavar="OUT.wav", help="output WAV file (overwritten)")
+    _audio_output_options(c)
     ts = c.add_mutually_exclusive_group()
     ts.add_argument("--target", metavar="CLIP", help="clip of the target voice (default: the checkpoint's voice)")
     ts.add_argument("--target-id", metavar="NAME", help="a voice from the library")
@@ -505,7 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = vsub.add_parser("add", help="prepare a clip once and store it under NAME")
     a.add_argument("name", metavar="NAME", help="1-64 of A-Z a-z 0-9 . _ - (not starting with '.')")
     a.add_argument("clip", metavar="CLIP", help="reference clip (audio file)")
-    _model_options(a)
+    _model_options(a, t3=True)
     _library_option(a)
     a.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration stored with the voice")
     a.add_argument("--overwrite", action="store_true", help="replace an existing voice of that name")
@@ -540,13 +1007,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .audio import AudioError
     from .checkpoint import CheckpointError
+    from .kernels.dispatch import KernelUnavailable
     from .voice import VoiceError
     from .watermark import WatermarkUnavailable
 
     try:
         return args.func(args)
-    except (AudioError, VoiceError, CheckpointError, WatermarkUnavailable, ValueError, TypeError, ImportError,
-            OSError) as e:
+    except (AudioError, VoiceError, CheckpointError, WatermarkUnavailable, KernelUnavailable, ValueError, TypeError,
+            ImportError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"chatterbox-rt: error: {msg}", file=sys.stderr)
         return 2
