@@ -238,21 +238,25 @@ def check_files(ckpt_dir: Union[str, Path], variant: str, t3_path: Optional[Path
         raise CheckpointError(f"{ckpt_dir} lacks files the {variant} model needs: " + "; ".join(problems))
 
 
+def load_tensors(path: Path, what: str = "checkpoint"):
+    """A ``.safetensors`` file, or a ``.pt``/``.bin`` file with ``torch.load(weights_only=True)``,
+    on the CPU; a CheckpointError naming ``what`` and the file when it cannot be read."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, wrong format, pickled code
+        raise CheckpointError(f"cannot read {what} {path}: {e}") from e
+
+
 def read_state_dict(path: Union[str, Path]) -> dict:
     """Tensors of a checkpoint file, unwrapped from ``{"model": [sd]}`` if so stored."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, wrong format, pickled code
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    return unwrap_state_dict(sd, source=str(path))
+    return unwrap_state_dict(load_tensors(path), source=str(path))
 
 
 def unwrap_state_dict(sd, source: str = "state dict") -> dict:

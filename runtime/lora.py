@@ -48,7 +48,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,7 @@ def _read_weights(adapter_dir: Path) -> tuple[dict, Path]:
     else:
         raise CheckpointError(f"LoRA adapter {adapter_dir} has no weights file: expected "
                               f"{' or '.join(ADAPTER_WEIGHT_FILES)}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, wrong format, pickled code
-        raise CheckpointError(f"cannot read LoRA adapter weights {path}: {e}") from e
+    sd = load_tensors(path, "LoRA adapter weights")
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"LoRA adapter weights {path} are not a state dict of tensors")
     if not sd:

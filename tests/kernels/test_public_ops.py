@@ -362,7 +362,7 @@ def test_explicit_backend_that_cannot_run_on_cpu_raises(backend):
         with pytest.raises(KernelUnavailable, match="cuda kernels run on cuda tensors"):
             call()
     backend("triton", interpret=False)
-    for op, call in _call_all().items():
+    for call in _call_all().values():
         with pytest.raises(KernelUnavailable, match="TRITON_INTERPRET=1|triton is not installed"):
             call()
     if not CPP:

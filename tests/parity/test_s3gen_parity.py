@@ -116,8 +116,13 @@ def test_batch_of_three_equals_single_runs(pair, ref_dicts, clip24):
         assert one.shape[-1] == m
         assert_close_rel(mel[b: b + 1, :, :m], one, f"batched mel, request {b}", rtol=1e-4)
         assert m == mel.shape[-1] or mel[b, :, m:].abs().max() == 0
-        one_wav = ours.hift(one, noise_free=True)
-        assert_close_rel(wav[b: b + 1, : one_wav.shape[-1]], one_wav, f"batched waveform, request {b}")
+        # Each stage batched equals it alone on the same input; end to end, HiFT's F0 phase
+        # accumulator turns the mel's ~1e-5 rounding differences into ~1e-3 of the waveform (the
+        # size depends on the CPU's GEMM kernels), as in test_tts_parity.test_vc_parity.
+        one_wav = ours.hift(mel[b: b + 1, :, :m].clone(), noise_free=True)
+        assert_close_rel(wav[b: b + 1, : one_wav.shape[-1]], one_wav, f"batched HiFT, request {b}", rtol=1e-3)
+        alone = ours.hift(one, noise_free=True)
+        assert_close_rel(wav[b: b + 1, : alone.shape[-1]], alone, f"batched waveform, request {b}", rtol=5e-3)
 
 
 def test_checkpoint_key_styles_and_errors(pair):

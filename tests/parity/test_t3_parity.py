@@ -7,7 +7,7 @@ Reduced depth everywhere; (a) and (b) also once per variant at full size.
 import pytest
 import torch
 
-from _t3_pairs import build_pair, cond_tensors, our_cond, ref_cond, text_tokens
+from _t3_pairs import build_pair, cond_tensors, our_cond, ref_cond, ref_prefill_logits, text_tokens
 from chatterbox_rt.models.t3 import T3Config
 from chatterbox_rt.models.t3.sampling import SamplingParams, cfg_combine, process_gpt, process_llama
 
@@ -21,28 +21,6 @@ def report(a, b, what):
     diff = (a - b).abs()
     idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
     return f"{what}: max abs error {diff.max().item():.3g} at {idx} (ours {a[idx].item():.6g}, ref {b[idx].item():.6g})"
-
-
-def ref_prefill_logits(ref, ref_model, cond, text):
-    """The reference's own first-step logits, computed the way its inference methods do."""
-    if ref_model.is_gpt:
-        start = ref_model.hp.start_speech_token * torch.ones_like(text[:1])[None]
-        embeds, _ = ref_model.prepare_input_embeds(t3_cond=cond, text_tokens=text[None], speech_tokens=start,
-                                                   cfg_weight=0.0)
-        hidden = ref_model.tfmr(inputs_embeds=embeds, use_cache=True)[0]
-        return ref_model.speech_head(hidden[:, -1:])[:, -1]
-    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
-
-    tt = torch.stack([text, text])
-    start = ref_model.hp.start_speech_token * torch.ones_like(tt[:, :1])
-    embeds, _ = ref_model.prepare_input_embeds(t3_cond=cond, text_tokens=tt, speech_tokens=start, cfg_weight=0.5)
-    bos = ref_model.speech_emb(start[:1]) + ref_model.speech_pos_emb.get_fixed_embedding(0)
-    embeds = torch.cat([embeds, torch.cat([bos, bos])], dim=1)
-    backend = T3HuggingfaceBackend(config=ref_model.cfg, llama=ref_model.tfmr, speech_enc=ref_model.speech_emb,
-                                   speech_head=ref_model.speech_head)
-    out = backend(inputs_embeds=embeds, past_key_values=None, use_cache=True, output_hidden_states=True,
-                  return_dict=True)
-    return out.logits[:, -1]
 
 
 def ref_generate(ref_model, cond, text, steps):
@@ -65,7 +43,7 @@ def _check_prefill(ref, variant, reduced):
     tensors = cond_tensors(cfg, seed=1)
     text = text_tokens(cfg, n=30, seed=1)
     with torch.inference_mode():
-        want = ref_prefill_logits(ref, ref_model, ref_cond(ref, tensors), text)
+        want = ref_prefill_logits(ref_model, ref_cond(ref, tensors), text)
         embeds, _ = ours.prompt_embeds(our_cond(tensors), text, cfg=cfg.uses_cfg)
         got = ours.prefill(embeds)
     assert got.shape == want.shape

@@ -20,7 +20,7 @@ from chatterbox_rt.checkpoint import CheckpointError, load_into
 from chatterbox_rt.lora import merge_lora
 from chatterbox_rt.models.t3 import T3
 
-from _t3_pairs import build_pair, cond_tensors, our_cond, our_config, ref_cond, text_tokens
+from _t3_pairs import build_pair, cond_tensors, our_cond, our_config, ref_cond, ref_prefill_logits, text_tokens
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -89,29 +89,6 @@ def assert_same_state(got, want):
 
 def changed(before, after):
     return sorted(k for k in before if before[k] is not after[k] and not torch.equal(before[k], after[k]))
-
-
-def ref_prefill_logits(ref_model, cond, text):
-    """The reference's first-step logits, computed as its inference methods do (as the T3 parity
-    tests do)."""
-    if ref_model.is_gpt:
-        start = ref_model.hp.start_speech_token * torch.ones_like(text[:1])[None]
-        embeds, _ = ref_model.prepare_input_embeds(t3_cond=cond, text_tokens=text[None], speech_tokens=start,
-                                                   cfg_weight=0.0)
-        hidden = ref_model.tfmr(inputs_embeds=embeds, use_cache=True)[0]
-        return ref_model.speech_head(hidden[:, -1:])[:, -1]
-    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
-
-    tt = torch.stack([text, text])
-    start = ref_model.hp.start_speech_token * torch.ones_like(tt[:, :1])
-    embeds, _ = ref_model.prepare_input_embeds(t3_cond=cond, text_tokens=tt, speech_tokens=start, cfg_weight=0.5)
-    bos = ref_model.speech_emb(start[:1]) + ref_model.speech_pos_emb.get_fixed_embedding(0)
-    embeds = torch.cat([embeds, torch.cat([bos, bos])], dim=1)
-    backend = T3HuggingfaceBackend(config=ref_model.cfg, llama=ref_model.tfmr, speech_enc=ref_model.speech_emb,
-                                   speech_head=ref_model.speech_head)
-    out = backend(inputs_embeds=embeds, past_key_values=None, use_cache=True, output_hidden_states=True,
-                  return_dict=True)
-    return out.logits[:, -1]
 
 
 @pytest.mark.parity

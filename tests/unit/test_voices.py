@@ -499,7 +499,7 @@ def test_concurrent_adds_of_one_name_processes(tmp_path):
         files.append(dummy_voice(150, seed=i).save(tmp_path / f"v{i}.pt"))
     procs = [subprocess.Popen([sys.executable, "-c", _ADD_IN_A_PROCESS, str(root), str(i), str(CLIP), str(f),
                                str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, f in zip((1, 2), files)]
+             for i, f in zip((1, 2), files, strict=True)]
     outs = []
     try:
         for p in procs:

@@ -216,13 +216,16 @@ class T3Config:
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def smaller_backbone(variant: str, **backbone_changes) -> dict:
+def smaller_backbone(variant: str, behaviour: Optional[str] = None, **backbone_changes) -> dict:
     """``T3Config.for_variant`` overrides for a cut-down backbone (tests, benchmarks, the CLI's
-    testing aid): the backbone fields replaced, and alignment heads in dropped layers removed."""
-    cfg = T3Config.for_variant(variant)
+    testing aid): the backbone fields replaced, and alignment heads in dropped layers removed
+    (``behaviour``: the multilingual behaviour, kept in the overrides)."""
+    cfg = T3Config.for_variant(variant, behaviour=behaviour)
     backbone = dataclasses.replace(cfg.backbone, **backbone_changes)
-    return dict(backbone=backbone,
-                alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < backbone.num_layers))
+    out = dict(backbone=backbone, alignment_heads=tuple(h for h in cfg.alignment_heads if h[0] < backbone.num_layers))
+    if behaviour is not None:
+        out["behaviour"] = behaviour
+    return out
 
 
 _LLAMA_COMMON = dict(
