@@ -92,7 +92,12 @@ class S3GenPipeline(ABC):
 
     def s3gen_mel(self, tokens: Tensor, voice=None, *, n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
                   generator: Optional[torch.Generator] = None) -> Tensor:
-        """Speech tokens (1-D or ``[1, T]``, valid ids < 6561) -> mel ``[1, 80, 2T]``.
+        """Speech tokens (1-D or ``[1, T]``, valid ids < 6561) -> mel ``[1, 80, M]``.
+
+        ``M = 2 (P + T) - F`` as in the reference: the flow upsamples the voice's P prompt tokens
+        and the T new ones to 50 Hz and drops the voice's F prompt-mel frames; F is usually 2P
+        (then M = 2T), but a prompt mel one frame longer or shorter than twice its tokens gives
+        2T - 1 or 2T + 1.
 
         ``noise``: the CFM's initial noise ``[1, 80, L]`` over the full length the estimator sees
         (the voice's prompt frames, then the new frames), as the reference draws it with

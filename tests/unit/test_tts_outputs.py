@@ -138,3 +138,20 @@ def test_lora_adapter_merged_at_load(tmp_path):
     torch.testing.assert_close(tuned.state_dict()[f"{key}.weight"], want, rtol=0, atol=1e-6)
     same = [k for k, v in base.state_dict().items() if torch.equal(v, tuned.state_dict()[k])]
     assert len(same) == len(base.state_dict()) - 1
+
+
+def test_s3gen_mel_length_rule(nano):
+    """M = 2 (P + T) - F mel frames (README), also when the prompt mel is not exactly 2P frames."""
+    from chatterbox_rt.voice import Voice
+
+    base = nano.builtin_voice
+    P = base.gen["prompt_token"].shape[1]
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(0))
+    for extra in (0, 1, -1):
+        gen = dict(base.gen)
+        feat = base.gen["prompt_feat"]
+        gen["prompt_feat"] = torch.cat([feat, feat[:, -1:]], dim=1) if extra > 0 else feat[:, : feat.shape[1] + extra]
+        F = gen["prompt_feat"].shape[1]
+        assert F == 2 * P + extra
+        mel = nano.s3gen_mel(tokens, Voice(base.t3, gen), n_steps=1)
+        assert mel.shape[-1] == 2 * (P + 20) - F == 40 - extra
