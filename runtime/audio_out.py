@@ -31,6 +31,7 @@ can be created. Failures raise ``OSError`` / ``ValueError`` naming the path and 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -267,21 +268,18 @@ def write_bytes(path: PathOrStream, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, p)
     except BaseException as e:  # a full disk, an interrupt: no temporary file left behind
-        try:
+        with contextlib.suppress(OSError):  # already renamed or gone
             os.unlink(tmp)
-        except OSError:
-            pass  # already renamed or gone
         if isinstance(e, OSError):
             raise _os_error(p, e) from e
         raise
-    try:  # make the rename durable (best effort: not every file system lets a directory be fsync'ed)
+    # Make the rename durable: best effort, as not every file system lets a directory be fsync'ed.
+    with contextlib.suppress(OSError):
         dfd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError:
-        pass
 
 
 def write(path: PathOrStream, wav, sr: int, fmt: Optional[str] = None) -> int:

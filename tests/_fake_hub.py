@@ -39,8 +39,8 @@ class FakeHub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
+            def log_message(self, *args):
+                """Quiet: the test reads ``hub.requests`` instead of a request log on stderr."""
 
             def do_HEAD(self):
                 hub._handle(self, head=True)

@@ -37,3 +37,9 @@ def ref_prefill_logits(ref_model, cond, text):
     out = backend(inputs_embeds=embeds, past_key_values=None, use_cache=True, output_hidden_states=True,
                   return_dict=True)
     return out.logits[:, -1]
+
+
+def our_prefill_logits(model, tensors: dict, text):
+    """Our T3's first-step logits [B, V] for the same conditioning and text (CFG as configured)."""
+    embeds, _ = model.prompt_embeds(our_cond(tensors), text, cfg=model.config.uses_cfg)
+    return model.prefill(embeds)

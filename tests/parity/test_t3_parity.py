@@ -7,7 +7,8 @@ Reduced depth everywhere; (a) and (b) also once per variant at full size.
 import pytest
 import torch
 
-from _t3_pairs import build_pair, cond_tensors, our_cond, ref_cond, ref_prefill_logits, text_tokens
+from _t3_pairs import (build_pair, cond_tensors, our_cond, our_prefill_logits, ref_cond, ref_prefill_logits,
+                       text_tokens)
 from chatterbox_rt.models.t3 import T3Config
 from chatterbox_rt.models.t3.sampling import SamplingParams, cfg_combine, process_gpt, process_llama
 
@@ -44,8 +45,7 @@ def _check_prefill(ref, variant, reduced):
     text = text_tokens(cfg, n=30, seed=1)
     with torch.inference_mode():
         want = ref_prefill_logits(ref_model, ref_cond(ref, tensors), text)
-        embeds, _ = ours.prompt_embeds(our_cond(tensors), text, cfg=cfg.uses_cfg)
-        got = ours.prefill(embeds)
+        got = our_prefill_logits(ours, tensors, text)
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
     assert err <= PREFILL_ATOL, report(got, want, f"{variant} prefill logits")

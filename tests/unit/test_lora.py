@@ -20,7 +20,8 @@ from chatterbox_rt.checkpoint import CheckpointError, load_into
 from chatterbox_rt.lora import merge_lora
 from chatterbox_rt.models.t3 import T3
 
-from _t3_pairs import build_pair, cond_tensors, our_cond, our_config, ref_cond, ref_prefill_logits, text_tokens
+from _t3_pairs import (build_pair, cond_tensors, our_config, our_prefill_logits, ref_cond, ref_prefill_logits,
+                       text_tokens)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -192,9 +193,8 @@ def test_prefill_logits_of_merged_t3_match_peft_merged_reference(ref, peft, llam
     text = text_tokens(cfg3, n=20, seed=2)
     with torch.inference_mode():
         want = ref_prefill_logits(merged, ref_cond(ref, tensors), text)
-        embeds, _ = ours.prompt_embeds(our_cond(tensors), text, cfg=cfg3.uses_cfg)
-        got = ours.prefill(embeds)
-        base = plain.prefill(plain.prompt_embeds(our_cond(tensors), text, cfg=cfg3.uses_cfg)[0])
+        got = our_prefill_logits(ours, tensors, text)
+        base = our_prefill_logits(plain, tensors, text)
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
     assert err <= PREFILL_ATOL, f"{variant}: prefill logits differ from PEFT-merged reference by {err:.3g}"
