@@ -32,8 +32,9 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, max_batch: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.kv = torch.zeros(num_layers, 2, max_batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, zero: bool = True):
+        alloc = torch.zeros if zero else torch.empty  # empty: for users that never read unwritten entries
+        self.kv = alloc(num_layers, 2, max_batch, num_heads, max_len, head_dim, dtype=dtype, device=device)
 
     @property
     def max_batch(self) -> int:
@@ -49,6 +50,13 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         return self.kv[i, 0], self.kv[i, 1]  # each [B, H, L, D]
+
+    def rows(self, start: int, n: int) -> "KVCache":
+        """A view of cache rows ``start:start + n`` (one request's slots): a prefill into it writes
+        the shared buffer, nothing is copied."""
+        view = KVCache.__new__(KVCache)
+        view.kv = self.kv[:, :, start:start + n]
+        return view
 
 
 @dataclass
@@ -120,6 +128,10 @@ class Step:
     kv_len: int = 0
     mask: Optional[Tensor] = None  # [B, 1, 1, kv_len] bool
     index: Optional[Tensor] = None  # [B, H, 1, D] scatter index into the cache
+    # Per-request decode (the engine's batch-invariant mode): input row b writes cache row
+    # ``slots[b]`` at ``pos[b]``; each segment attends only to its own rows' first kv_len entries.
+    slots: Optional[Tensor] = None  # [B] long
+    segments: Optional[list] = None  # [Segment]
 
     @classmethod
     def decode(cls, pos: Tensor, kv_len: int, num_heads: int, head_dim: int) -> "Step":
@@ -127,6 +139,57 @@ class Step:
         mask = torch.arange(kv_len, device=pos.device)[None, :] <= pos[:, None]
         index = pos.view(B, 1, 1, 1).expand(B, num_heads, 1, head_dim)
         return cls(pos, kv_len, mask[:, None, None, :], index)
+
+    @classmethod
+    def per_request(cls, pos: Tensor, slots: Tensor, segments: list) -> "Step":
+        return cls(pos=pos, slots=slots, segments=segments)
+
+
+@dataclass
+class Segment:
+    """One request's rows in a per-request decode step: input rows ``row:row + n``, cache rows
+    ``slot:slot + n``, attending to the first ``kv_len`` cache entries (all of them valid: a
+    request's rows share one position). ``mask`` is the all-True ``[n, 1, 1, kv_len]`` mask
+    ``Step.decode`` would build for that request alone, so the attention call is the very call
+    a solo decode step makes (same kernel, same result). ``probe``: this request's alignment
+    probe (``row`` counts within the segment)."""
+
+    row: int
+    n: int
+    slot: int
+    kv_len: int
+    mask: Tensor
+    probe: Optional["AttentionProbe"] = None
+
+
+def _attend_per_request(q: Tensor, cache_k: Tensor, cache_v: Tensor, step: Step, layer_idx: int) -> Tensor:
+    """Per-request attention over each segment's own cache rows -> [B, H, 1, D]."""
+    out = torch.empty_like(q)
+    for seg in step.segments:
+        r, s = slice(seg.row, seg.row + seg.n), slice(seg.slot, seg.slot + seg.n)
+        k, v = cache_k[s, :, :seg.kv_len], cache_v[s, :, :seg.kv_len]
+        if seg.probe is not None:
+            _probe(seg.probe, layer_idx, q[r], k, step.pos[r])
+        out[r] = F.scaled_dot_product_attention(q[r], k, v, attn_mask=seg.mask)
+    return out
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tensor], step: Step, probe,
+                      layer_idx: int) -> Tensor:
+    """Write this forward's keys/values into the cache and attend: prefill, a dense decode
+    step, or a per-request decode step."""
+    if step.segments is not None:
+        # NOTE: advanced indices around a slice put the indexed dim first: [B, H, D] = k[:, :, 0].
+        cache[0][step.slots, :, step.pos] = k[:, :, 0]
+        cache[1][step.slots, :, step.pos] = v[:, :, 0]
+        return _attend_per_request(q, cache[0], cache[1], step, layer_idx)
+    B = q.shape[0]
+    _write_cache(cache[0], cache[1], k, v, step)
+    if step.pos is not None:
+        k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
+    if probe is not None:
+        _probe(probe, layer_idx, q, k, step.pos)
+    return _attend(q, k, v, step)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
@@ -203,12 +266,7 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        _write_cache(cache[0], cache[1], k, v, step)
-        if step.pos is not None:
-            k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
-        if probe is not None:
-            _probe(probe, layer_idx, q, k, step.pos)
-        out = _attend(q, k, v, step)
+        out = _cached_attention(q, k, v, cache, step, probe, layer_idx)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -254,11 +312,14 @@ class LlamaBackbone(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def forward(self, x: Tensor, cache: KVCache, pos: Optional[Tensor] = None, kv_len: Optional[int] = None,
-                probe: Optional[AttentionProbe] = None) -> Tensor:
+                probe: Optional[AttentionProbe] = None, step: Optional[Step] = None) -> Tensor:
         """``x`` [B, T, D]. Prefill (``pos`` None) writes cache[0:T]; decode (T == 1) writes at ``pos`` [B]
-        and attends to the first ``kv_len`` cache entries (a host bound; None = the whole cache)."""
+        and attends to the first ``kv_len`` cache entries (a host bound; None = the whole cache).
+        ``step``: a per-request decode step (``Step.per_request``) instead of ``pos``/``kv_len``."""
         B, T, _ = x.shape
-        if pos is None:
+        if step is not None:
+            positions = step.pos.view(B, 1)
+        elif pos is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
             step = Step()
         else:
@@ -284,12 +345,7 @@ class GPT2Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        _write_cache(cache[0], cache[1], k, v, step)
-        if step.pos is not None:
-            k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
-        if probe is not None:
-            _probe(probe, layer_idx, q, k, step.pos)
-        out = _attend(q, k, v, step)
+        out = _cached_attention(q, k, v, cache, step, probe, layer_idx)
         return self.c_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -326,9 +382,11 @@ class GPT2Backbone(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(self, x: Tensor, cache: KVCache, pos: Optional[Tensor] = None, kv_len: Optional[int] = None,
-                probe: Optional[AttentionProbe] = None) -> Tensor:
+                probe: Optional[AttentionProbe] = None, step: Optional[Step] = None) -> Tensor:
         B, T, _ = x.shape
-        if pos is None:
+        if step is not None:
+            x = x + self.wpe(step.pos.view(B, 1))
+        elif pos is None:
             x = x + self.wpe(torch.arange(T, device=x.device))
             step = Step()
         else:

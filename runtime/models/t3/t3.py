@@ -26,19 +26,16 @@ from torch import Tensor, nn
 
 from ...kernels.dispatch import DispatchedOp
 from ...profiling import nvtx
-from .alignment import AlignmentController
-from .backbone import AttentionProbe, KVCache, Linear, build_backbone
+from .backbone import AttentionProbe, KVCache, Linear, Step, build_backbone
 from .cond_enc import T3Cond, T3CondEnc
 from .config import T3Config
-from .sampling import SamplingParams, cfg_combine, process_gpt, process_llama, sample_no_sync
+from .request import EOS_POLL_EVERY_CUDA, T3Request  # noqa: F401  (EOS_POLL_EVERY_CUDA: re-exported)
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 # KV-cache lengths are rounded up to this, so similar requests reuse one allocation.
 CACHE_LEN_QUANTUM = 256
-# On a GPU the host reads the EOS flag every this many steps (a sync); the tokens drawn after
-# EOS are discarded. On the CPU reading it is free, so every step.
-EOS_POLL_EVERY_CUDA = 16
 
 
 class LearnedPositionEmbeddings(nn.Module):
@@ -258,112 +255,46 @@ class T3(nn.Module):
         Sampling arguments left as None take the reference's defaults for this variant
         (``config.sampling``). ``stop_on_eos=False`` always draws ``max_new_tokens`` tokens
         (benchmarks), keeping EOS-like ids in the output.
+
+        The per-request state (checks, sampling, history, EOS) is a ``T3Request``, the same one
+        the engine batches: this loop is the engine's with one request.
         """
-        cfg = self.config
-        p = self.sampling_params(temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
-                                 repetition_penalty=float(repetition_penalty) if repetition_penalty is not None
-                                 else None, cfg_weight=cfg_weight)
-        n_max = cfg.sampling.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if n_max < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {n_max}")
-        text_tokens = self._check_text(text_tokens)
-        dev, V, eos = self.device, cfg.speech_vocab_size, cfg.stop_speech_token
-        use_cfg = cfg.uses_cfg and p.cfg_weight > 0
-
-        if cfg.learned_pos_emb:
-            if n_max > cfg.speech_pos_len - 1:
-                raise ValueError(f"max_new_tokens={n_max} exceeds this model's speech positions "
-                                 f"(at most {cfg.speech_pos_len - 1})")
-        else:  # GPT-2: the prompt, the text and the speech tokens share one set of positions
-            used = self.cond_len(cond) + 1  # the voice's prompt and the start-of-speech token
-            free = cfg.backbone.n_positions - used
-            if n_max > free - 1:
-                raise ValueError(f"max_new_tokens={n_max} leaves no room for text: this model has "
-                                 f"{cfg.backbone.n_positions} positions and this voice's prompt takes {used}; "
-                                 f"ask for at most {free - 1}")
-            if text_tokens.numel() > free - n_max:
-                raise self._text_too_long(text_tokens.numel(), free - n_max,
-                                          f" with this voice's prompt and up to {n_max} new speech tokens")
-        embeds, len_cond = self.prompt_embeds(cond, text_tokens, use_cfg)
+        req = T3Request(self, cond, text_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, min_p=min_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        cfg_weight=cfg_weight, generator=generator, stop_on_eos=stop_on_eos)
+        embeds = req.embeds()
         B, P, _ = embeds.shape
-
-        align = probe = step_probe = None
-        if cfg.alignment_heads:
-            text_end = len_cond + text_tokens.shape[0]
-            align = AlignmentController(len_cond, text_end, n_max, eos, dev)
-            probe = AttentionProbe(heads=self._probe_heads(), row=0, n_query=P - text_end)
-            step_probe = AttentionProbe(heads=probe.heads, row=0, n_query=1)
-
         with nvtx.range("t3_prefill"):
-            logits = self.prefill(embeds, probe, max_len=P + n_max).float()
-
-        out = torch.full((1, n_max), eos, dtype=torch.long, device=dev)
-        seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
-        seen[:, cfg.start_speech_token] = True
-        done = torch.zeros(1, dtype=torch.bool, device=dev)
+            logits = self.prefill(embeds, req.prefill_probe(), max_len=req.cache_len)
+        dev = self.device
         pos = torch.full((B,), P, dtype=torch.long, device=dev)  # cache slot of the next input token
-        speech_pos = torch.ones(B, dtype=torch.long, device=dev) if cfg.learned_pos_emb else None
-        poll = EOS_POLL_EVERY_CUDA if dev.type == "cuda" else 1
-
-        # Sampling: the fused kernel where the dispatch layer picks one (Triton on a GPU), else the
-        # torch chain of sampling.py. The kernel draws from Philox keyed by a per-request seed (from
-        # ``generator``, one host read per request) and a device-side step counter.
-        fused = self._sample_op.get(dev)
-        order = "gpt" if cfg.is_gpt else "llama"
-        rng_seed = rng_offset = None
-        if fused is not None:
-            gen_dev = generator.device if generator is not None else torch.device("cpu")
-            rng_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=gen_dev).item())
-            rng_offset = torch.zeros(1, dtype=torch.long, device=dev)
-
-        n = n_max
+        speech_pos = torch.ones(B, dtype=torch.long, device=dev) if self.config.learned_pos_emb else None
         with nvtx.range("t3_decode"):
-            for step in range(n_max):
+            with nvtx.range("t3_step"):
+                req.sample(logits)
+            while not req.finished:
                 with nvtx.range("t3_step"):
-                    if step > 0:
-                        logits = self.decode_step(out[0, step - 1].expand(B), pos, speech_pos, kv_len=P + step,
-                                                  probe=step_probe).float()
-                        probe = step_probe
-                        pos += 1
-                        if speech_pos is not None:
-                            speech_pos += 1
-                    cfg_w = p.cfg_weight if use_cfg else None
-                    if not cfg.is_gpt and align is not None:
-                        # The alignment control acts between the CFG combine and the chain.
-                        logits, cfg_w = (cfg_combine(logits, p.cfg_weight) if use_cfg else logits), None
-                        prev = out[0, step - 2:step] if step >= 2 else None
-                        logits = align.step(self._stack_probe(probe), logits, prev)
-                    if fused is not None:  # one kernel: CFG, the chain and the draw (-1: nothing left)
-                        tok = fused(logits, seen, order=order, temperature=p.temperature, top_p=p.top_p,
-                                    min_p=p.min_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
-                                    cfg_weight=cfg_w, seed=rng_seed, offset=rng_offset)
-                        rng_offset.add_(1)
-                        dead = tok < 0
-                    else:
-                        if cfg_w is not None:
-                            logits = cfg_combine(logits, cfg_w)
-                        processed = process_gpt(logits, seen, p) if cfg.is_gpt else process_llama(logits, seen, p)
-                        dead = torch.isneginf(processed).all(dim=-1)
-                        tok = sample_no_sync(torch.softmax(processed, dim=-1), generator)
-                    if cfg.is_gpt and step == 0:  # the first draw's history is the start token, later ones the generated tokens
-                        seen.zero_()
-                    # Turbo stops when every logit was filtered to -inf (reference), which ends the sequence like EOS.
-                    tok = torch.where(dead, torch.full_like(tok, eos), tok)
-                    if stop_on_eos:
-                        tok = torch.where(done, torch.full_like(tok, eos), tok)
-                    out[:, step] = tok
-                    seen.scatter_(1, tok[:, None], True)
-                    if stop_on_eos:
-                        # Turbo/Nano check EOS from the second draw on (reference); a first EOS is skipped.
-                        done |= dead if (cfg.is_gpt and step == 0) else (tok == eos)
-                        if (step + 1) % poll == 0 and bool(done.all()):
-                            n = step + 1
-                            break
+                    logits = self.decode_step(req.last_token().expand(B), pos, speech_pos, kv_len=req.kv_len,
+                                              probe=req.current_probe())
+                    pos += 1
+                    if speech_pos is not None:
+                        speech_pos += 1
+                    req.sample(logits)
+        return req.tokens()
 
-        tokens = out[0, :n]
-        if not stop_on_eos:
-            return tokens
-        return self._trim_eos(tokens)
+    # ------------------------------------------------------------------ the engine's entry points
+
+    def prefill_rows(self, embeds: Tensor, cache: KVCache, probe: Optional[AttentionProbe] = None) -> Tensor:
+        """A request's prefill into its own cache rows (``cache.rows(slot, n)``) -> last-position
+        speech logits ``[n, V]``."""
+        h = self.tfmr(embeds, cache, probe=probe)
+        return self.speech_head(h[:, -1])
+
+    def decode_rows(self, tokens: Tensor, speech_pos: Optional[Tensor], step: Step, cache: KVCache) -> Tensor:
+        """A per-request decode step (``Step.per_request``) over rows of several requests -> logits ``[B, V]``."""
+        x = self.embed_speech(tokens, speech_pos)
+        h = self.tfmr(x, cache, step=step)
+        return self.speech_head(h[:, -1])
 
     def _trim_eos(self, tokens: Tensor) -> Tensor:
         """The reference's cut of the drawn tokens: up to the first EOS; for the Llama variants
