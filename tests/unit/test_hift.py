@@ -100,6 +100,26 @@ def test_noise_is_seeded_and_optional(model):
     assert torch.equal(a, b) and not torch.equal(a, quiet)
 
 
+def test_per_row_generators_draw_what_each_row_draws_alone(model):
+    """An engine's batch: each row's source noise from its own generator, as its solo run draws it."""
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    mels, batch = padded_batch(BATCH_LENGTHS)
+    with torch.no_grad():
+        one = model(mels[0], generator=gens(11)[0])
+        assert torch.equal(model(mels[0], generator=gens(11)), one)  # a list of one: the same draws
+        seeds = list(range(20, 20 + len(mels)))
+        wav = model(batch, torch.tensor(BATCH_LENGTHS), generator=gens(*seeds))
+        for b, (mel, seed) in enumerate(zip(mels, seeds, strict=True)):
+            single = model(mel, generator=gens(seed)[0])[0]
+            n = BATCH_LENGTHS[b] * CFG.samples_per_frame
+            err = (wav[b, :n] - single).abs().max().item()
+            assert err <= FP32_BATCH_RTOL * single.abs().max().item(), (b, err)
+        with pytest.raises(ValueError, match="generators for a batch"):
+            model(batch, torch.tensor(BATCH_LENGTHS), generator=gens(1))
+
+
 def test_hann_window_matches_float64_formula():
     n = torch.arange(CFG.n_fft, dtype=torch.float64)
     formula = 0.5 - 0.5 * torch.cos(2 * math.pi * n / CFG.n_fft)  # periodic Hann (scipy fftbins=True)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +243,13 @@ class F0Predictor(nn.Module):
         return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))  # [B, T]
 
 
+def _row_generators(generators: Sequence[torch.Generator], rows: int) -> list:
+    gens = list(generators)
+    if len(gens) != rows:
+        raise ValueError(f"{len(gens)} generators for a batch of {rows}")
+    return gens
+
+
 class SineSource(nn.Module):
     """Reference ``SourceModuleHnNSF`` + ``SineGen``: harmonic sines of F0 merged into one excitation."""
 
@@ -252,13 +259,17 @@ class SineSource(nn.Module):
         self.l_linear = nn.Linear(config.nb_harmonics + 1, 1)
 
     def forward(self, f0: torch.Tensor, *, noise_free: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """f0 ``[B, 1, N]`` Hz at the sample rate -> excitation ``[B, 1, N]``.
 
         With ``noise_free`` the random initial phases and the additive noise are zero. Otherwise
         the draws follow the reference's order (rand for phases, then randn for the noise), so a
         generator seeded like the reference's global RNG gives the same signal.
-        """
+
+        ``generator`` may be one generator per row (an engine's batch of requests, each with its
+        own random stream): row b then draws exactly what it would draw alone, over its own
+        ``lengths[b]`` samples (host ints; default: all N), zero noise past them."""
         c = self.config
         B = f0.shape[0]
         H = c.nb_harmonics + 1
@@ -271,7 +282,12 @@ class SineSource(nn.Module):
         if noise_free:
             sines = c.nsf_alpha * torch.sin(theta)
         else:
-            u = torch.rand((B, H, 1), generator=generator, device=f0.device, dtype=f0.dtype)
+            per_row = generator is not None and not isinstance(generator, torch.Generator)
+            if per_row:
+                u = torch.cat([torch.rand((1, H, 1), generator=g, device=f0.device, dtype=f0.dtype)
+                               for g in _row_generators(generator, B)])
+            else:
+                u = torch.rand((B, H, 1), generator=generator, device=f0.device, dtype=f0.dtype)
             phase = -math.pi + u * (2 * math.pi)  # torch Uniform(-pi, pi).sample
             phase[:, 0, :] = 0
             sines = c.nsf_alpha * torch.sin(theta + phase)
@@ -280,7 +296,15 @@ class SineSource(nn.Module):
             e = sines * uv
         else:
             noise_amp = uv * c.nsf_sigma + (1 - uv) * c.nsf_alpha / 3
-            noise = noise_amp * torch.randn(sines.shape, generator=generator, device=f0.device, dtype=f0.dtype)
+            if per_row:
+                N = sines.shape[-1]
+                n_b = [N] * B if lengths is None else [int(n) for n in lengths]
+                z = sines.new_zeros(sines.shape)
+                for b, g in enumerate(_row_generators(generator, B)):
+                    z[b, :, :n_b[b]] = torch.randn((1, H, n_b[b]), generator=g, device=f0.device, dtype=f0.dtype)[0]
+            else:
+                z = torch.randn(sines.shape, generator=generator, device=f0.device, dtype=f0.dtype)
+            noise = noise_amp * z
             e = sines * uv + noise
         w = self.l_linear.weight.to(e.dtype)
         s = torch.tanh(torch.einsum("bhn,oh->bon", e, w) + self.l_linear.bias.to(e.dtype)[None, :, None])
@@ -327,11 +351,13 @@ class HiFTGenerator(nn.Module):
     # -- source ---------------------------------------------------------------------------
 
     def excitation(self, f0: torch.Tensor, *, noise_free: bool = False,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """F0 ``[B, T]`` at mel rate -> NSF source ``[B, 1, 480 T]`` (reference ``inference``'s ``s``)."""
+                   generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+                   lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """F0 ``[B, T]`` at mel rate -> NSF source ``[B, 1, 480 T]`` (reference ``inference``'s ``s``).
+        ``generator``/``lengths`` (samples): as ``SineSource.forward``."""
         # nn.Upsample(scale_factor=480) in the reference: same op, same float index rounding.
         f0_up = F.interpolate(f0[:, None], scale_factor=float(self.config.samples_per_frame), mode="nearest")
-        return self.m_source(f0_up, noise_free=noise_free, generator=generator)
+        return self.m_source(f0_up, noise_free=noise_free, generator=generator, lengths=lengths)
 
     def _source_stft(self, s: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """``s [B, 1, N]`` -> ``[B, 2 * n_freq, N / hop + 1]`` (real bins then imaginary bins)."""
@@ -402,9 +428,10 @@ class HiFTGenerator(nn.Module):
         return wav
 
     def forward(self, mel: torch.Tensor, lengths: Optional[torch.Tensor] = None, *, noise_free: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None) -> torch.Tensor:
         """mel ``[B, 80, T]`` (log-mel, 50 frames/s), optional ``lengths [B]`` in mel frames ->
-        waveform ``[B, 480 T]``; samples past ``480 * lengths[b]`` are zero."""
+        waveform ``[B, 480 T]``; samples past ``480 * lengths[b]`` are zero. ``generator``: one,
+        or one per row (each row then draws its source noise as it would alone)."""
         if lengths is not None:
             if lengths.device.type == "cpu" and bool((lengths == mel.shape[-1]).all()):
                 lengths = None  # nothing is padded: skip the masks (known on the host, so no sync)
@@ -412,9 +439,61 @@ class HiFTGenerator(nn.Module):
                 lengths = lengths.to(device=mel.device, dtype=torch.long)
         mask = _time_mask(lengths, mel.shape[-1], 1, 0, mel.dtype)
         f0 = self.f0_predictor(mel, mask)  # [B, T]
-        s = self.excitation(f0, noise_free=noise_free, generator=generator)  # [B, 1, 480 T]
+        per_row = generator is not None and not isinstance(generator, torch.Generator)
+        n_samples = (lengths.cpu() * self.config.samples_per_frame).tolist() if per_row and lengths is not None \
+            else None
+        s = self.excitation(f0, noise_free=noise_free, generator=generator, lengths=n_samples)  # [B, 1, 480 T]
         return self.decode(mel, s, lengths)
 
 
+
+# --------------------------------------------------------------------------- streaming source
+
+
+def continue_excitation(hift: HiFTGenerator, f0: torch.Tensor, cycles: Optional[torch.Tensor] = None, *,
+                        noise_free: bool = False, generator: Optional[torch.Generator] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The next piece of one NSF excitation: F0 ``[B, T]`` at mel rate -> (source ``[B, 1, 480 T]``,
+    cycles ``[B, H, 1]``).
+
+    ``SineSource`` starts every call at phase 0 with fresh random harmonic phases; a stream cut
+    into pieces would then restart each harmonic at every cut. Here ``cycles`` carries where each
+    harmonic's phase ended (in cycles, random initial phase included, in [0, 1)) from the piece
+    before; None starts a stream and draws the initial phases. Draws follow ``SineSource``'s order
+    (``rand`` phases once, at the start; ``randn`` noise for each piece's own samples), so a stream
+    of one piece equals ``HiFTGenerator.excitation`` with an equally seeded generator, and the
+    pieces of a longer stream join into one continuous excitation. Math as ``SineSource.forward``:
+    theta_k = 2 pi ((cycles_k + cumsum(k f0 / sr)) mod 1).
+    """
+    c = hift.config
+    src = hift.m_source
+    B = f0.shape[0]
+    H = c.nb_harmonics + 1
+    f0_up = F.interpolate(f0[:, None], scale_factor=float(c.samples_per_frame), mode="nearest").float()
+    # Draws happen on the generator's device (then move), so a CPU generator works for a GPU model.
+    draw_dev = generator.device if generator is not None else f0.device
+    if cycles is None:
+        cycles = torch.zeros(B, H, 1, device=f0.device, dtype=torch.float32)
+        if not noise_free:
+            u = torch.rand((B, H, 1), generator=generator, device=draw_dev, dtype=torch.float32).to(f0.device)
+            cycles = u - 0.5  # phase -pi + 2 pi u, in cycles
+            cycles[:, 0, :] = 0
+    harmonics = torch.arange(1, H + 1, device=f0.device, dtype=torch.float32)[None, :, None]
+    f_mat = f0_up * harmonics / c.sampling_rate  # [B, H, N] cycles per sample
+    acc = torch.cumsum(f_mat, dim=-1)
+    # Phase of sample n: the carried cycles plus the cumulative sum up to and including n, as
+    # SineSource (whose first sample already has f0/sr of phase).
+    sines = c.nsf_alpha * torch.sin(2 * math.pi * ((acc + cycles) % 1))
+    uv = (f0_up > c.nsf_voiced_threshold).to(torch.float32)  # [B, 1, N]
+    e = sines * uv
+    if not noise_free:
+        noise_amp = uv * c.nsf_sigma + (1 - uv) * c.nsf_alpha / 3
+        e = e + noise_amp * torch.randn(sines.shape, generator=generator, device=draw_dev,
+                                        dtype=torch.float32).to(f0.device)
+    w = src.l_linear.weight.float()
+    s = torch.tanh(torch.einsum("bhn,oh->bon", e, w) + src.l_linear.bias.float()[None, :, None])
+    return s.to(src.l_linear.weight.dtype), (cycles + acc[..., -1:]) % 1
+
+
 __all__ = ["HiFTConfig", "HiFTGenerator", "F0Predictor", "SineSource", "ResBlock", "Snake",
-           "fold_weight_norm", "hann_window", "trim_fade", "S3GEN_SR"]
+           "fold_weight_norm", "hann_window", "trim_fade", "continue_excitation", "S3GEN_SR"]
