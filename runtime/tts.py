@@ -47,6 +47,13 @@ SAMPLES_PER_TOKEN = S3GEN_SR // 25  # 24 kHz samples per 25 Hz speech token (S3G
 SAMPLING_ARGS = ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "cfg_weight")
 
 
+def check_n_steps(n_steps) -> Optional[int]:
+    """``n_steps`` (CFM steps; None: the decoder's default) checked: an integer >= 1."""
+    if n_steps is not None and (not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1):
+        raise ValueError(f"n_steps must be an integer >= 1 (or None for the default), got {n_steps!r}")
+    return n_steps
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -323,6 +330,7 @@ class TTS(S3GenPipeline):
         draw from one generator). ``exaggeration`` overrides the voice's (Llama variants).
         With upstream's multilingual behaviour (V3, the Single Language Pack) the audio of the
         final speech token is dropped, as upstream does."""
+        check_n_steps(n_steps)
         generator = make_generator(seed, self.device)
         tokens = self.t3_tokens(text, voice, max_new_tokens=max_new_tokens, language_id=language_id,
                                 generator=generator, exaggeration=exaggeration, stop_on_eos=stop_on_eos,
@@ -339,6 +347,45 @@ class TTS(S3GenPipeline):
             # decodes to ~40 ms of noise" (mtl_tts.generate at 5de7a54).
             wav = wav[:, : max(1, tokens.numel() - 1) * SAMPLES_PER_TOKEN]
         return self._finish(wav, watermark)
+
+    # ------------------------------------------------------------------ the engine
+
+    def engine(self, **kw):
+        """A ``chatterbox_rt.Engine`` over this model (continuous batching, streaming): see its
+        docstring for ``max_batch``, ``max_len``, ``cuda_graphs``. Close it (or use ``with``)."""
+        from .engine import Engine
+
+        return Engine(self, **kw)
+
+    def default_engine(self):
+        """The engine ``stream`` uses, built on first use (4 requests at a time)."""
+        with self._lock:
+            eng = getattr(self, "_default_engine", None)
+            if eng is None or eng._closing:
+                eng = self._default_engine = self.engine(max_batch=DEFAULT_ENGINE_BATCH)
+            return eng
+
+    def stream(self, text: str, voice: Optional[Voice] = None, **kw):
+        """Yield the waveform of ``generate(text, voice, **kw)`` as CPU float32 chunks ``[n_i]``
+        while it is produced (every ``chunk_tokens`` speech tokens, default 25, after a first
+        chunk of ``first_chunk_tokens``, default 10). Same arguments as ``generate`` plus those.
+        Leaving the loop early cancels the request."""
+        req = self.default_engine().submit(text, voice, stream=True, **kw)
+        try:
+            yield from req.chunks()
+        finally:
+            req.cancel()
+
+    def close(self) -> None:
+        """Stop the default engine, if one was started."""
+        eng = getattr(self, "_default_engine", None)
+        if eng is not None:
+            eng.close(wait=False)
+            self._default_engine = None
+
+
+# Requests the default engine (``TTS.stream``) runs at once.
+DEFAULT_ENGINE_BATCH = 4
 
 
 def dummy_voice(prompt_len: int, seed: int = 0, prompt_seconds: float = 4.0) -> Voice:
