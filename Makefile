@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SETUP_INPUTS := pyproject.toml setup.py scripts/setup_env.sh tests/requirements-reference.txt \
 	tests/oracle/install.py tests/oracle/chatterbox-5de7a54.tar.gz
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test setup setup-test gpu-check clean
 
 $(VENV)/.setup-base: $(SETUP_INPUTS)
 	PYTHON=$(PYTHON) bash scripts/setup_env.sh $(VENV)
@@ -35,6 +35,12 @@ demo: $(VENV)/.setup-base
 
 test: $(VENV)/.setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: build the CUDA extension, GPU tests, kernel and end-to-end benchmarks,
+# logged to $(OUT)/gpu_check.log (scripts/gpu_check.sh documents the steps; WHEELHOUSE=dir for offline wheels).
+gpu-check:
+	$(if $(OUT),,$(error make gpu-check needs OUT=dir, e.g. make gpu-check OUT=gpu_check_out))
+	bash scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo.wav

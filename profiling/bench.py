@@ -28,10 +28,37 @@ build its modules, re-randomised from the seed, and loaded into ours; ``--ckpt``
 the directory) and the same inputs; each run alternates which side goes first. ``speedup`` holds
 reference / ours per time (ours / reference for tokens/s): > 1 means chatterbox-rt is faster.
 
-``--concurrency 1,4,16`` sends that many full requests at once through ``TTS.generate`` (with
-EOS disabled, so each draws N tokens; tokens >= 6561 are dropped as usual) from threads and
-reports the aggregate x real time (audio seconds produced per wall second). The runtime does not
-batch concurrent requests yet: T3 requests take turns on the model's one KV cache.
+``--concurrency 1,8,32`` measures serving through ``chatterbox_rt.Engine`` (continuous batching):
+per level ``c`` a fresh ``Engine(tts, max_batch=c)`` whose KV slots hold the prompt plus ``--tokens``,
+warmed up with ``c`` short requests (so each decode batch-size bucket, one CUDA graph on a GPU,
+is captured before timing), then ``c`` requests submitted at once, each with its own seed, EOS
+disabled (``--tokens`` N drawn each; ids >= 6561 are dropped as usual) and ``stream=--stream``.
+Per level:
+
+* ``aggregate_x_realtime``: audio seconds of all c requests / wall seconds from the first submit
+  to the last result.
+* ``aggregate_tokens_per_s``: T3 speech tokens drawn by all c requests / ``t3_wall_s``, the T3
+  phase: from the first request's admission into a KV slot to the last request's last token
+  (``max(t_admit + t3_ms) - min(t_admit)``). S3Gen of requests that finished early (all of them,
+  streaming) overlaps it. ``decode_tokens_per_s``: tokens drawn by the engine's decode steps /
+  the time spent in them (``Engine.stats()``'s ``decode_tokens`` / ``decode_s`` over the level's
+  timed requests): the decode rate, prefills excluded.
+* ``latency_ms_median`` / ``_p90``: per-request submit -> done (``metrics.total_ms``);
+  ``first_audio_ms_median`` / ``_p90``: submit -> first audio ready (the first streamed chunk
+  with ``--stream``, the whole waveform otherwise); ``queue_ms_median``: submit -> admitted.
+* ``peak_mem_mb``: as for the stages, over the level (engine build, warm-up, timed requests): on
+  CUDA the peak allocated memory (weights and KV cache included); on CPU the weights plus the RSS
+  growth (``rss_growth_mb``).
+* ``speedup``: ``tokens_per_s`` and ``x_realtime`` of the level / those of the lowest level
+  (``vs_concurrency``, 1 when it is among the levels).
+
+The reference has no batching: with ``--compare-upstream`` it runs the per-stage comparison only,
+never the concurrency levels.
+
+``--stream`` also times streaming alone (``stream`` in the JSON): one request at a time, ``--runs``
+times, through an ``Engine(max_batch=1)`` with the default chunk sizes (a first chunk of 20 tokens,
+then 25): ``first_chunk_ms`` (submit -> first chunk, median and p90), ``total_ms`` (the whole
+request) and ``first_chunk_fraction`` = first_chunk_ms / total_ms.
 """
 from __future__ import annotations
 
@@ -47,7 +74,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,6 +99,11 @@ TIME_KEYS = ("voice_ms", "t3_prefill_ms", "t3_ms", "t3_ms_per_token", "cfm_ms", 
              "first_audio_ms")
 LOWER_IS_BETTER = TIME_KEYS + ("rtf", "s3gen_rtf", "peak_mem_mb")
 HIGHER_IS_BETTER = ("t3_tokens_per_s",)
+# Prompt entries beside the voice's conditioning and the text: the start-of-speech token (and the
+# Llama variants' extra one), as in T3Request.P.
+PROMPT_EXTRA_TOKENS = 2
+# Seeds of the warm-up requests: away from the timed requests' seed .. seed + c - 1.
+WARMUP_SEED_OFFSET = 1 << 20
 
 
 # ------------------------------------------------------------------------------ measurement helpers
@@ -458,32 +489,139 @@ def run_stages(sides: list, stages: list, runs: int, warmup: int, set_run: Calla
     return {"times": times, "mem": mem}
 
 
-def run_concurrency(tts, voice, text_for: Callable[[int], str], levels: list, n_tokens: int, seed: int,
-                    watermark: bool, language_id: Optional[str]) -> list:
-    """``c`` whole requests at once through ``TTS.generate`` per level -> [{concurrency, ...}]."""
-    def request(i: int):
-        t0 = time.perf_counter()
-        wav = tts.generate(text_for(i), voice, seed=seed + i, max_new_tokens=n_tokens, stop_on_eos=False,
-                           watermark=watermark, language_id=language_id)
-        return time.perf_counter() - t0, wav.shape[-1] / tts.sr
+def _engine_max_len(tts, voice, text_tokens: int, n_tokens: int) -> int:
+    """KV entries per slot for a request of ``text_tokens`` text tokens drawing ``n_tokens``: the
+    voice's conditioning prefix, the text, the start/stop tokens and the speech (``T3Request.cache_len``)."""
+    return tts.t3.cond_len(voice.t3) + text_tokens + PROMPT_EXTRA_TOKENS + n_tokens
 
-    request(0)  # warm
+
+def _warmup_tokens(n_tokens: int) -> int:
+    """Speech tokens of a warm-up request: enough for the first stream cut and one more chunk."""
+    from ..engine import DEFAULT_CHUNK_TOKENS, DEFAULT_FIRST_CHUNK_TOKENS
+
+    return min(n_tokens, DEFAULT_FIRST_CHUNK_TOKENS + DEFAULT_CHUNK_TOKENS)
+
+
+def _submit_all(eng, voice, text_for: Callable[[int], str], count: int, n_tokens: int, seed: int, watermark: bool,
+                language_id: Optional[str], stream: bool) -> list:
+    """``count`` requests at once (EOS disabled, seeds seed .. seed + count - 1) -> their finished Requests."""
+    reqs = [eng.submit(text_for(i), voice, seed=seed + i, language_id=language_id, stream=stream,
+                       max_new_tokens=n_tokens, stop_on_eos=False, watermark=watermark) for i in range(count)]
+    for r in reqs:
+        r.result()  # raises RequestFailed if the engine could not finish it
+    return reqs
+
+
+def _peak_mem(tts, fn: Callable) -> tuple:
+    """Run fn once -> (its result, peak memory MiB, CPU RSS growth MiB or None), as the stages
+    measure it: on CUDA the peak allocated GPU memory (weights included), on CPU the weights plus
+    the resident-set growth during the call (a lower bound: memory the allocator kept from earlier
+    work is reused without growing the RSS)."""
+    gc.collect()
+    if tts.device.type == "cuda":
+        torch.cuda.synchronize(tts.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(tts.device)
+        out = fn()
+        torch.cuda.synchronize(tts.device)
+        return out, torch.cuda.max_memory_allocated(tts.device) / 2**20, None
+    box = []
+    growth = rss_growth_mb(lambda: box.append(fn()))
+    return box[0], module_mb(tts.t3, tts.s3gen, tts.ve) + growth, growth
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    # None where a figure is missing, or the base level produced nothing (every token dropped)
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def _quantiles(xs: list) -> tuple[Optional[float], Optional[float]]:
+    xs = [x for x in xs if x is not None]
+    return (statistics.median(xs), p90(xs)) if xs else (None, None)
+
+
+def run_concurrency(tts, voice, text_for: Callable[[int], str], levels: list, n_tokens: int, text_tokens: int,
+                    seed: int, watermark: bool, language_id: Optional[str], stream: bool) -> list:
+    """Per level ``c``: a fresh ``Engine(max_batch=c)``, warmed up, then ``c`` requests submitted at
+    once (EOS disabled, so each draws ``n_tokens``) -> [{concurrency, ...}] (see the module docstring)."""
+    from ..engine import Engine
+
+    max_len = _engine_max_len(tts, voice, text_tokens, n_tokens)
+    warm = _warmup_tokens(n_tokens)
     out = []
     for c in levels:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=c) as pool:
-            results = list(pool.map(request, range(c)))
-        wall = time.perf_counter() - t0
-        lat = [1000.0 * r[0] for r in results]
-        audio = sum(r[1] for r in results)
-        out.append({"concurrency": c, "requests": c, "wall_s": wall, "audio_s": audio,
-                    "aggregate_x_realtime": audio / max(wall, 1e-9),
-                    "latency_ms_median": statistics.median(lat), "latency_ms_p90": p90(lat),
-                    "rtf_median": statistics.median(r[0] / r[1] for r in results if r[1] > 0)
-                    if any(r[1] > 0 for r in results) else None})
-        print(f"  concurrency {c}: {out[-1]['aggregate_x_realtime']:.2f}x real time, median latency "
-              f"{out[-1]['latency_ms_median']:.0f} ms", flush=True)
+        def level(c=c):
+            with Engine(tts, max_batch=c, max_len=max_len) as eng:
+                # Warm-up: c short requests at once, so the decode step's batch-size buckets (one CUDA
+                # graph each, captured on first use) and S3Gen's batched shapes exist before timing.
+                _submit_all(eng, voice, text_for, c, warm, seed + WARMUP_SEED_OFFSET, watermark, language_id,
+                            stream)
+                before = eng.stats()
+                t0 = time.perf_counter()
+                reqs = _submit_all(eng, voice, text_for, c, n_tokens, seed, watermark, language_id, stream)
+                wall = time.perf_counter() - t0
+                after = eng.stats()
+                info = {k: v for k, v in after.items() if k in ("max_len", "mode", "slots_total", "group_rows")}
+                decode = (after["decode_tokens"] - before["decode_tokens"], after["decode_s"] - before["decode_s"])
+            return reqs, wall, info, decode
+
+        (reqs, wall, info, (dec_tokens, dec_s)), peak, growth = _peak_mem(tts, level)
+        ms = [r.metrics for r in reqs]
+        seconds = [r.result().shape[-1] / tts.sr for r in reqs]
+        audio = sum(seconds)
+        tokens = sum(m.n_tokens for m in ms)
+        # The T3 phase: from the first admission into a KV slot to the last request's last token.
+        t3_start = min(r.t_admit for r in reqs)
+        t3_end = max(r.t_admit + m.t3_ms / 1000.0 for r, m in zip(reqs, ms, strict=True))
+        t3_wall = max(t3_end - t3_start, 1e-9)
+        lat50, lat90 = _quantiles([m.total_ms for m in ms])
+        first50, first90 = _quantiles([m.first_audio_ms for m in ms])
+        rtfs = [m.total_ms / 1000.0 / s for m, s in zip(ms, seconds, strict=True) if s > 0]
+        entry = {"concurrency": c, "requests": c, "stream": stream, "wall_s": wall, "audio_s": audio,
+                 "aggregate_x_realtime": audio / max(wall, 1e-9), "tokens": tokens, "t3_wall_s": t3_wall,
+                 "aggregate_tokens_per_s": tokens / t3_wall,
+                 "decode_tokens_per_s": dec_tokens / dec_s if dec_s > 0 else None,
+                 "latency_ms_median": lat50, "latency_ms_p90": lat90,
+                 "first_audio_ms_median": first50, "first_audio_ms_p90": first90,
+                 "queue_ms_median": _quantiles([m.queue_ms for m in ms])[0],
+                 "rtf_median": statistics.median(rtfs) if rtfs else None,
+                 "peak_mem_mb": peak, "engine": dict(info, max_batch=c)}
+        if growth is not None:
+            entry["rss_growth_mb"] = growth
+        base = out[0] if out else entry
+        entry["speedup"] = {"vs_concurrency": base["concurrency"],
+                            "tokens_per_s": _ratio(entry["aggregate_tokens_per_s"], base["aggregate_tokens_per_s"]),
+                            "decode_tokens_per_s": _ratio(entry["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+                            "x_realtime": _ratio(entry["aggregate_x_realtime"], base["aggregate_x_realtime"])}
+        out.append(entry)
+        print(f"  concurrency {c}: {entry['aggregate_x_realtime']:.2f}x real time, "
+              f"{entry['aggregate_tokens_per_s']:.1f} T3 tokens/s ({_fmt(entry['decode_tokens_per_s'])} in decode "
+              f"steps), median latency {lat50:.0f} ms, "
+              f"first audio {_fmt(first50)} ms", flush=True)
     return out
+
+
+def run_stream(tts, voice, text_for: Callable[[int], str], runs: int, n_tokens: int, text_tokens: int, seed: int,
+               watermark: bool, language_id: Optional[str]) -> dict:
+    """One streamed request at a time, ``runs`` times, through an ``Engine(max_batch=1)``: the time
+    to its first audio chunk against the whole request's latency."""
+    from ..engine import DEFAULT_CHUNK_TOKENS, DEFAULT_FIRST_CHUNK_TOKENS, Engine
+
+    first, total = [], []
+    with Engine(tts, max_batch=1, max_len=_engine_max_len(tts, voice, text_tokens, n_tokens)) as eng:
+        _submit_all(eng, voice, text_for, 1, _warmup_tokens(n_tokens), seed + WARMUP_SEED_OFFSET, watermark,
+                    language_id, True)
+        for i in range(runs):
+            (req,) = _submit_all(eng, voice, lambda _, i=i: text_for(i), 1, n_tokens, seed + i, watermark,
+                                 language_id, True)
+            first.append(req.metrics.first_audio_ms)
+            total.append(req.metrics.total_ms)
+    f50, f90 = _quantiles(first)
+    t50, t90 = _quantiles(total)
+    return {"runs": runs, "chunk_tokens": DEFAULT_CHUNK_TOKENS, "first_chunk_tokens": DEFAULT_FIRST_CHUNK_TOKENS,
+            "first_chunk_ms": f50, "first_chunk_ms_p90": f90, "total_ms": t50, "total_ms_p90": t90,
+            "first_chunk_fraction": f50 / t50 if t50 else None,
+            "runs_ms": {"first_chunk_ms": first, "total_ms": total}}
 
 
 def profile_request(side: Side, stages: list, path: Path) -> None:
@@ -553,39 +691,97 @@ def format_report(result: dict) -> str:
         lines.append(row)
     lines.append(f"# peak host RSS of the process: {result['peak_host_rss_mb']:.0f} MiB"
                  + (" (both sides loaded)" if ref is not None else ""))
-    for c in result.get("concurrency", []):
-        lines.append(f"# concurrency {c['concurrency']:>3}: {c['aggregate_x_realtime']:.2f}x real time, "
-                     f"latency median {c['latency_ms_median']:.0f} ms, p90 {c['latency_ms_p90']:.0f} ms")
+    lines += _concurrency_table(result)
+    st = result.get("stream")
+    if st is not None:
+        lines.append(f"# streaming, one request alone ({st['first_chunk_tokens']}-token first chunk, then "
+                     f"{st['chunk_tokens']}): first chunk {_fmt(st['first_chunk_ms'])} ms "
+                     f"(p90 {_fmt(st['first_chunk_ms_p90'])}), whole request {_fmt(st['total_ms'])} ms "
+                     f"(p90 {_fmt(st['total_ms_p90'])}): first chunk at {_fmt(st['first_chunk_fraction'])} "
+                     "of the request")
     return "\n".join(lines)
 
 
+CONCURRENCY_COLUMNS = (  # header, key, width
+    ("requests", "concurrency", 8), ("x real time", "aggregate_x_realtime", 11),
+    ("T3 tok/s", "aggregate_tokens_per_s", 9), ("decode tok/s", "decode_tokens_per_s", 12),
+    ("latency p50", "latency_ms_median", 11),
+    ("p90", "latency_ms_p90", 7), ("1st audio p50", "first_audio_ms_median", 13), ("p90", "first_audio_ms_p90", 7),
+    ("peak MiB", "peak_mem_mb", 8),
+)
+
+
+def _concurrency_table(result: dict) -> list:
+    conc = result.get("concurrency") or []
+    if not conc:
+        return []
+    stream = conc[0].get("stream")
+    base = conc[0].get("speedup", {}).get("vs_concurrency", conc[0]["concurrency"])
+    title = (f"# concurrency through the engine{' (streaming: 1st audio = first chunk)' if stream else ''}; "
+             f"latencies in ms; speed-ups against {base} request{'s' if base > 1 else ''} at once")
+    if result.get("reference") is not None:
+        title += "; the reference has no batching and is not run here"
+    head = " ".join(f"{h:>{w}}" for h, _, w in CONCURRENCY_COLUMNS) + f" {'speed-up tok/s':>14} {'x RT':>6}"
+    lines = [title, head]
+    for c in conc:
+        sp = c.get("speedup", {})
+        cells = [f"{c['concurrency']:>{w}}" if k == "concurrency" else f"{_fmt(c.get(k)):>{w}}"
+                 for _, k, w in CONCURRENCY_COLUMNS]
+        tok, xrt = (f"{_fmt(sp[k])}x" if sp.get(k) is not None else "-" for k in ("tokens_per_s", "x_realtime"))
+        ratios = f"{tok:>14} {xrt:>6}"
+        lines.append(" ".join(cells) + " " + ratios)
+    return lines
+
+
 def write_plot(result: dict, path: Path) -> None:
+    """PNG: aggregate throughput (T3 tokens/s, x real time) and per-request latency (p50/p90 of the
+    whole request and of the first audio) against concurrency; with the reference, the per-stage
+    speed-ups."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     conc = result.get("concurrency") or []
-    fig, axes = plt.subplots(1, 3 if result["reference"] is not None else 2, figsize=(14, 4))
+    with_ref = result["reference"] is not None
+    fig, axes = plt.subplots(1, 3 if with_ref else 2, figsize=(15 if with_ref else 11, 4.2))
     xs = [c["concurrency"] for c in conc]
-    axes[0].plot(xs, [c["rtf_median"] for c in conc], "o-")
-    axes[0].set(xlabel="concurrent requests", ylabel="RTF (median per request)", title="RTF (lower is faster)")
-    axes[1].plot(xs, [c["aggregate_x_realtime"] for c in conc], "o-", color="tab:green")
-    axes[1].set(xlabel="concurrent requests", ylabel="x real time (aggregate)", title="throughput")
+
+    ax = axes[0]
+    ax.plot(xs, [c["aggregate_tokens_per_s"] for c in conc], "o-", color="tab:blue", label="T3 tokens/s")
+    ax.set(xlabel="concurrent requests", ylabel="T3 tokens/s (aggregate)", title="throughput")
+    ax.set_ylim(bottom=0)
+    rt = ax.twinx()
+    rt.plot(xs, [c["aggregate_x_realtime"] for c in conc], "s--", color="tab:green", label="x real time")
+    rt.set(ylabel="x real time (aggregate)")
+    rt.set_ylim(bottom=0)
+    ax.legend(handles=ax.get_lines() + rt.get_lines(), loc="lower right", fontsize=8)
+
+    ax = axes[1]
+    first = "first chunk" if conc and conc[0].get("stream") else "first audio"
+    for key, label, style in (("latency_ms_median", "request p50", "o-"), ("latency_ms_p90", "request p90", "o--"),
+                              ("first_audio_ms_median", f"{first} p50", "s-"),
+                              ("first_audio_ms_p90", f"{first} p90", "s--")):
+        pts = [(x, c[key]) for x, c in zip(xs, conc, strict=True) if c.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set(xlabel="concurrent requests", ylabel="ms", title="latency per request")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="lower right", fontsize=8)
     for ax in axes[:2]:
-        ax.set_ylim(bottom=0)
-        ax.set_xscale("log", base=2)
+        if len(set(xs)) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(True, alpha=0.3)
-    if result["reference"] is not None:
+    if with_ref:
         keys = [k for k in ("t3_ms_per_token", "cfm_ms", "hift_ms", "watermark_ms", "voice_ms")
                 if k in result["speedup"]]
         axes[2].bar(keys, [result["speedup"][k] for k in keys])
         axes[2].axhline(1.0, color="grey", lw=1)
-        axes[2].set(ylabel="reference / ours", title="speed-up per stage")
+        axes[2].set(ylabel="reference / ours", title="speed-up per stage (one request)")
         axes[2].tick_params(axis="x", rotation=30)
     env, cfg = result["env"], result["config"]
     fig.suptitle(f"{cfg['variant']} {env['device']} {env['precision']}, {env['gpu_name'] or env['cpu']}, "
-                 f"{cfg['tokens']} tokens, {env['date'][:10]}")
+                 f"{cfg['tokens']} tokens per request{', streamed' if cfg.get('stream') else ''}, {env['date'][:10]}")
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)  # its directory was checked by validate()
     plt.close(fig)
@@ -607,10 +803,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
     p.add_argument("--voice", metavar="CLIP", help="reference clip for voice preparation (default: synthetic 6.5 s)")
     p.add_argument("--concurrency", default="1", metavar="N[,N...]",
-                   help="concurrent whole requests per level, e.g. 1,4,16 (default 1)")
+                   help="requests submitted at once to the engine per level, e.g. 1,8,32 (default 1): aggregate "
+                        "tokens/s and x real time, latency and first-audio percentiles, peak memory")
     p.add_argument("--stream", action="store_true",
-                   help="time to the first streamed audio chunk: NOT AVAILABLE YET, refused until the runtime "
-                        "streams audio (first_audio_ms covers the whole request meanwhile)")
+                   help="stream the requests (first audio = the first chunk) and time one streamed request alone")
     p.add_argument("--compare-upstream", action="store_true",
                    help="also run the reference (chatterbox-tts 0.1.7) with identical weights and inputs")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before timing (default 1)")
@@ -619,7 +815,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     p.add_argument("--no-watermark", action="store_true", help="leave the watermark stage out")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (its directory must exist)")
-    p.add_argument("--plot", metavar="PATH", help="PNG: RTF and x real time against concurrency (+ speed-ups)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="PNG: throughput and latency against concurrency (+ speed-ups per stage)")
     p.add_argument("--profile", metavar="PATH", help="torch profiler Chrome trace of one of our requests")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (as CHATTERBOX_RT_NVTX=1)")
     # Testing aid, deliberately undocumented: T3 with the reduced backbones of the parity tests.
@@ -676,9 +873,6 @@ def validate(args) -> None:
         raise ValueError("--runs and --warmup must be >= 1 (the warm-up pass also measures memory)")
     if args.reduced_t3 and not args.dummy_weights:
         raise ValueError("--reduced-t3 (a testing aid) only applies with --dummy-weights")
-    if args.stream:
-        raise ValueError("--stream: this runtime has no streaming output yet, so there is no first chunk to time; "
-                         "first_audio_ms reports the whole request (the first sample arrives with it)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -757,8 +951,15 @@ def run(args) -> dict:
             measured = run_stages(sides, stages, args.runs, args.warmup, set_run)
             if args.profile:
                 profile_request(sides[0], stages, Path(args.profile))
-        concurrency = run_concurrency(ours, sides[0].voice, lambda i: texts[i % len(texts)], levels, n, args.seed,
-                                      watermark, language)
+        text_for = (lambda i: texts[i % len(texts)])
+        stream = None
+        if args.stream:
+            print(f"bench: streaming, one request at a time, {args.runs} runs ...", flush=True)
+            stream = run_stream(ours, sides[0].voice, text_for, args.runs, n, longest, args.seed, watermark, language)
+        print(f"bench: concurrency {','.join(map(str, levels))} through the engine"
+              f"{' (streaming)' if args.stream else ''} ...", flush=True)
+        concurrency = run_concurrency(ours, sides[0].voice, text_for, levels, n, longest, args.seed, watermark,
+                                      language, args.stream)
 
     summaries = {s.name: _summary(measured["times"][s.name], n, audio_s, *measured["mem"][s.name]) for s in sides}
     result = {
@@ -768,12 +969,13 @@ def run(args) -> dict:
                    "texts": len(texts), "text_tokens": [int(x.numel()) for x in ids], "watermark": watermark,
                    "weights": f"checkpoint {args.ckpt}" if args.ckpt else f"dummy (seed {args.seed})"
                    + (", reduced T3" if args.reduced_t3 else ""),
-                   "voice": str(args.voice) if args.voice else "synthetic", "stream": False,
+                   "voice": str(args.voice) if args.voice else "synthetic", "stream": bool(args.stream),
                    "compare_upstream": bool(args.compare_upstream)},
         "ours": summaries["ours"],
         "reference": summaries.get("reference"),
         "speedup": _speedup(summaries["ours"], summaries["reference"]) if "reference" in summaries else {},
         "concurrency": concurrency,
+        "stream": stream,
         "peak_host_rss_mb": peak_rss_mb(),
     }
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

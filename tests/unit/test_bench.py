@@ -2,6 +2,7 @@
 and the derived figures are consistent with the per-run times. No assertion is about speed."""
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,26 @@ def _check_derived(side: dict, tokens: int, audio_s: float) -> None:
             assert v >= side[k] - 1e-9, k
 
 
+def _check_concurrency(levels: list, tokens: int, stream: bool) -> None:
+    """Per-level figures through the engine agree with each other and with the definitions."""
+    assert [c["concurrency"] for c in levels] == sorted(c["concurrency"] for c in levels)
+    base = levels[0]
+    for c in levels:
+        assert c["stream"] is stream and c["requests"] == c["concurrency"]
+        assert c["tokens"] == c["concurrency"] * tokens  # EOS disabled: every request draws them all
+        assert c["audio_s"] > 0
+        assert c["aggregate_x_realtime"] == pytest.approx(c["audio_s"] / c["wall_s"])
+        assert c["aggregate_tokens_per_s"] == pytest.approx(c["tokens"] / c["t3_wall_s"])
+        assert c["t3_wall_s"] <= c["wall_s"]
+        assert c["latency_ms_p90"] >= c["latency_ms_median"] and c["first_audio_ms_p90"] >= c["first_audio_ms_median"]
+        assert c["first_audio_ms_median"] <= c["latency_ms_median"] + 1e-6
+        assert c["peak_mem_mb"] > 0 and c["engine"]["max_batch"] == c["concurrency"]
+        sp = c["speedup"]
+        assert sp["vs_concurrency"] == base["concurrency"]
+        assert sp["tokens_per_s"] == pytest.approx(c["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"])
+        assert sp["x_realtime"] == pytest.approx(c["aggregate_x_realtime"] / base["aggregate_x_realtime"])
+
+
 @pytest.mark.parity
 def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
     out, png, trace = tmp_path / "out.json", tmp_path / "plot.png", tmp_path / "trace.json"
@@ -44,7 +65,8 @@ def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
                           "--profile", str(trace)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and "T3 decode" in printed and "concurrency   2" in printed
+    assert "speed-up" in printed and "T3 decode" in printed and "concurrency through the engine" in printed
+    assert "the reference has no batching" in printed
     result = json.loads(out.read_text())
     _validate(result)
     cfg = result["config"]
@@ -57,8 +79,8 @@ def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
             assert ratio == pytest.approx(result["ours"][key] / result["reference"][key])
         else:
             assert ratio == pytest.approx(result["reference"][key] / result["ours"][key])
-    assert [c["concurrency"] for c in result["concurrency"]] == [1, 2]
-    assert all(c["audio_s"] > 0 for c in result["concurrency"])
+    assert [c["concurrency"] for c in result["concurrency"]] == [1, 2] and result["stream"] is None
+    _check_concurrency(result["concurrency"], 6, stream=False)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e.get("name") for e in events}
@@ -66,7 +88,8 @@ def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
 
 
 def test_bench_ours_only_llama_no_watermark(tmp_path):
-    """Without the reference: ``reference`` is null, no ratios; the Llama (CFG) variant's path."""
+    """Without the reference: ``reference`` is null, no ratios; the Llama (CFG) variant's path,
+    in the engine too (the default level, one request at a time)."""
     out = tmp_path / "o.json"
     argv = [a if a != "nano" else "chatterbox" for a in TINY] + ["--no-watermark", "--json", str(out),
                                                                    "--voice", str(SHORT_CLIP)]
@@ -76,6 +99,32 @@ def test_bench_ours_only_llama_no_watermark(tmp_path):
     assert result["reference"] is None and result["speedup"] == {}
     assert "watermark_ms" not in result["ours"] and result["config"]["watermark"] is False
     _check_derived(result["ours"], 6, result["config"]["audio_s"])
+    (level,) = result["concurrency"]
+    _check_concurrency([level], 6, stream=False)
+    assert level["engine"]["slots_total"] == 2  # CFG: a conditioned and an unconditioned row per request
+
+
+def test_bench_stream_concurrency_json_plot(tmp_path, capsys):
+    """``--stream``: requests stream through the engine at each level (first audio = first chunk),
+    and one streamed request alone is timed; the plot is a PNG."""
+    out, png = tmp_path / "s.json", tmp_path / "c.png"
+    # Past the engine's first stream cut (20 tokens): two chunks per request (without the watermark,
+    # whose stream holds back 0.1 s).
+    tokens = 24
+    argv = [a if a != "6" else str(tokens) for a in TINY] + ["--stream", "--no-watermark", "--concurrency", "1,2",
+                                                              "--json", str(out), "--plot", str(png)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "streaming: 1st audio = first chunk" in printed and "streaming, one request alone" in printed
+    result = json.loads(out.read_text())
+    _validate(result)
+    assert result["config"]["stream"] is True
+    _check_concurrency(result["concurrency"], tokens, stream=True)
+    st = result["stream"]
+    assert st["runs"] == 1 and st["first_chunk_tokens"] < tokens
+    assert st["first_chunk_ms"] < st["total_ms"]
+    assert st["first_chunk_fraction"] == pytest.approx(st["first_chunk_ms"] / st["total_ms"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -84,7 +133,8 @@ def test_bench_ours_only_llama_no_watermark(tmp_path):
     (["--dummy-weights", "--runs", "0"], "--runs and --warmup"),
     (["--dummy-weights", "--concurrency", "1,x"], "comma-separated integers"),
     (["--dummy-weights", "--concurrency", "0"], ">= 1"),
-    (["--dummy-weights", "--stream"], "no streaming output yet"),
+    (["--dummy-weights", "--concurrency", "2,-1"], ">= 1"),
+    (["--dummy-weights", "--plot", "/nonexistent/dir/c.png"], "--plot"),
     (["--dummy-weights", "--texts", "/nonexistent/texts.txt"], "no such file"),
     (["--dummy-weights", "--voice", "/nonexistent/clip.wav"], "no such file"),
 ])
@@ -92,6 +142,13 @@ def test_bench_bad_arguments_fail_clearly(extra, message, capsys):
     assert cli.main(["bench", "--device", "cpu"] + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("chatterbox-rt: error:") and message in err
+
+
+def test_bench_plot_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    argv = ["bench", "--dummy-weights", "--device", "cpu", "--plot", str(tmp_path / "c.png")]
+    assert cli.main(argv) == 2
+    assert "--plot needs matplotlib: pip install matplotlib" in capsys.readouterr().err
 
 
 def test_bench_empty_texts_file(tmp_path, capsys):
