@@ -136,6 +136,7 @@ class Engine:
         self._finished_now: Optional[list] = None  # requests done during the current decode step
         self._counts = dict(submitted=0, completed=0, failed=0, cancelled=0)
         self._tok_window: deque = deque(maxlen=64)  # (time, tokens) per step, for tokens/s
+        self._decode_tokens, self._decode_s = 0, 0.0  # tokens drawn by decode steps, time inside them
         self._post = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatterbox-rt-post")
         cuda = self.device.type == "cuda"
         self._t3_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -232,13 +233,17 @@ class Engine:
         return [r.result() for r in reqs]
 
     def stats(self) -> dict:
-        """Queued and running requests, KV slots in use, recent aggregate T3 tokens/s, totals."""
+        """Queued and running requests, KV slots in use, ``tokens_per_s`` (T3 tokens per second over
+        the last 64 steps, prefills included), ``decode_tokens``/``decode_s`` (tokens drawn by
+        decode steps and the time spent in them since start: their ratio is the aggregate decode
+        rate), request totals."""
         with self._cv:
             window = list(self._tok_window)
             out = dict(queued=len(self._queue), running=len(self._running),
                        slots_in_use=self._runner.slots_in_use if self._runner.cache is not None else 0,
                        slots_total=self._runner.max_rows, max_len=self.max_len, mode=self._runner.mode,
-                       group_rows=self._runner.group_rows, **self._counts)
+                       group_rows=self._runner.group_rows, decode_tokens=self._decode_tokens,
+                       decode_s=self._decode_s, **self._counts)
         if len(window) >= 2:
             dt = window[-1][0] - window[0][0]
             out["tokens_per_s"] = sum(n for _, n in window[1:]) / dt if dt > 0 else 0.0
@@ -354,6 +359,7 @@ class Engine:
             self._after_draw(job)
 
     def _step(self) -> None:
+        t_step = time.perf_counter()
         with self._cv:
             jobs = list(self._running)
         items = [(j.t3req, j.slot) for j in jobs]
@@ -387,8 +393,11 @@ class Engine:
             done, self._finished_now = self._finished_now, None
             if done:
                 self._s3q.put(("whole", done))
+        now = time.perf_counter()
         with self._cv:
-            self._tok_window.append((time.perf_counter(), n))
+            self._tok_window.append((now, n))
+            self._decode_tokens += n
+            self._decode_s += now - t_step
 
     def _after_draw(self, job: _Job) -> None:
         """Bookkeeping after a request drew a token: stream cuts, T3 completion."""

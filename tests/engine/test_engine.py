@@ -408,3 +408,27 @@ def test_threads_are_named_and_stop(nano):
     assert {"chatterbox-rt-t3", "chatterbox-rt-s3gen"} <= names
     eng.close()
     assert not eng._t3_thread.is_alive() and not eng._s3_thread.is_alive()
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_on_cuda_dense_with_graphs(dtype):
+    """The GPU layout: dense decode captured as CUDA graphs per batch bucket, T3 and S3Gen on their
+    own streams. Near-greedy tokens equal the solo run's (fp32); in bf16 most of them do."""
+    backbone = dataclasses.replace(T3Config.for_variant("chatterbox").backbone, num_layers=2)
+    tts = TTS.from_dummy("chatterbox", seed=0, device="cuda", dtype=dtype, backbone=backbone)
+    settings = [(t, dict(seed=80 + i, max_new_tokens=12 + 5 * i, **NEAR_GREEDY)) for i, t in enumerate(TEXTS[:5])]
+    with Engine(tts, max_batch=8, max_len=512) as eng:
+        assert eng.mode == "dense" and eng._runner.graphs is not None
+        reqs = [eng.submit(t, watermark=False, **kw) for t, kw in settings]
+        wavs = [r.result(300) for r in reqs]
+        assert not eng._runner.graphs.failed and eng._runner.graphs.graphs  # captured and replayed
+    same = 0
+    for r, wav, (text, kw) in zip(reqs, wavs, settings, strict=True):
+        want = solo_tokens(tts, text, **kw).cpu()
+        same += int(torch.equal(r.tokens, want))
+        assert wav.dtype == torch.float32 and wav.device.type == "cpu" and torch.isfinite(wav).all()
+    assert same == len(reqs) if dtype == torch.float32 else same >= len(reqs) - 2
