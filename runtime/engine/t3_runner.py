@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Batch-size buckets of the dense mode (each one CUDA graph).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Largest row count tried when checking which linear products are row-count invariant.
-INVARIANCE_PROBE_ROWS = 16
+INVARIANCE_PROBE_ROWS = 32
 
 
 def invariant_group_rows(t3: T3, limit: int = INVARIANCE_PROBE_ROWS, seed: int = 0) -> int:
