@@ -680,11 +680,12 @@ def test_top_level_help_is_plain_text(capsys):
     assert "``" not in out and ":func:" not in out and "synth" in out and "--dummy-weights" in out
 
 
-def test_bench_help_says_stream_is_refused(capsys):
+def test_bench_help_describes_stream_and_concurrency(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--stream" in out and "NOT AVAILABLE YET" in out
+    assert "--stream" in out and "first chunk" in out and "NOT AVAILABLE" not in out
+    assert "--concurrency" in out and "engine" in out
 
 
 def test_vc_has_no_variant_and_says_so(capsys):

@@ -5,7 +5,7 @@ variant's upstream behaviour (the final token's audio dropped), and the missing-
 import pytest
 import torch
 
-import chatterbox_rt.models.t3.t3 as t3_module
+import chatterbox_rt.models.t3.request as t3_request
 from chatterbox_rt import TTS
 from chatterbox_rt.checkpoint import CheckpointError
 from chatterbox_rt.models.t3.config import smaller_backbone
@@ -31,7 +31,7 @@ def nano():
 def force_draws(monkeypatch, draws):
     """T3's torch sampling path returns ``draws`` in order (then EOS-free filler 7)."""
     it = iter(draws)
-    monkeypatch.setattr(t3_module, "sample_no_sync", lambda probs, gen=None: torch.tensor([next(it, 7)]))
+    monkeypatch.setattr(t3_request, "sample_no_sync", lambda probs, gen=None: torch.tensor([next(it, 7)]))
 
 
 def reference_valid_tokens(ref, draws):
