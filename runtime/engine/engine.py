@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -288,11 +288,9 @@ class Engine:
         self.close(wait=exc_type is None)
 
     def __del__(self):  # pragma: no cover - best effort at interpreter exit
-        try:
+        with suppress(Exception):
             if not self._closed:
                 self.close(wait=False, timeout=1.0)
-        except Exception:  # noqa: BLE001
-            pass
 
     # ------------------------------------------------------------------ scheduler (T3 thread)
 

@@ -188,16 +188,19 @@ class T3Runner:
         return result
 
     def _dense_inputs(self, items, n_rows: int):
+        """Rows 0..n_rows-1 = slots: (tokens, positions, speech positions) ``[n_rows]``; free slots
+        get token 0 at position 0. Positions are built on the host and copied once; the tokens
+        (on the device) are gathered with one index_copy."""
         dev = self.t3.device
-        tokens = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        pos = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        spos = torch.zeros(n_rows, dtype=torch.long, device=dev)
+        pos, spos, slots = [0] * n_rows, [0] * n_rows, []
         for req, slot in items:
-            n = req.rows
-            tokens[slot:slot + n] = req.last_token()
-            pos[slot:slot + n] = req.input_pos
-            spos[slot:slot + n] = req.speech_pos
-        return tokens, pos, spos
+            for j in range(slot, slot + req.rows):
+                pos[j], spos[j] = req.input_pos, req.speech_pos
+                slots.append(j)
+        last = torch.cat([req.last_token().expand(req.rows) for req, _ in items])
+        tokens = torch.zeros(n_rows, dtype=torch.long, device=dev)
+        tokens.index_copy_(0, torch.tensor(slots, device=dev), last)
+        return tokens, torch.tensor(pos, device=dev), torch.tensor(spos, device=dev)
 
     def _decode_dense(self, items) -> list[Tensor]:
         # A request with an alignment probe (multilingual 0.1.7) reads attention of its own row:

@@ -5,7 +5,6 @@ identical tokens, and alone exactly ``TTS.generate``'s waveform), requests join 
 wait for slots, stream, cancel, fail alone, and bad input is refused at submit with nothing queued.
 """
 import asyncio
-import dataclasses
 import threading
 import time
 
@@ -15,7 +14,6 @@ import torch
 import chatterbox_rt
 from chatterbox_rt import TTS
 from chatterbox_rt.engine import Engine, EngineClosed, RequestCancelled, RequestFailed
-from chatterbox_rt.models.t3 import T3Config
 from chatterbox_rt.models.t3.config import smaller_backbone
 
 NEAR_GREEDY = dict(temperature=1e-4)
@@ -23,12 +21,11 @@ TEXTS = ["Hello there.", "A second sentence, a bit longer.", "Third.", "The four
          "Five, six.", "Seven eight nine ten."]
 
 
-def small_tts(variant: str, seed: int = 0, **kw) -> TTS:
+def small_tts(variant: str, seed: int = 0) -> TTS:
+    over = smaller_backbone(variant, num_layers=2)
     if variant == "multilingual":  # the alignment heads moved into the two layers kept
-        over = dict(smaller_backbone(variant, num_layers=2), alignment_heads=((1, 15), (1, 11), (0, 2)), **kw)
-        return TTS.from_dummy(variant, seed=seed, device="cpu", **over)
-    backbone = dataclasses.replace(T3Config.for_variant(variant).backbone, num_layers=2)
-    return TTS.from_dummy(variant, seed=seed, device="cpu", backbone=backbone)
+        over["alignment_heads"] = ((1, 15), (1, 11), (0, 2))
+    return TTS.from_dummy(variant, seed=seed, device="cpu", **over)
 
 
 @pytest.fixture(scope="module")
@@ -418,8 +415,8 @@ def test_threads_are_named_and_stop(nano):
 def test_engine_on_cuda_dense_with_graphs(dtype):
     """The GPU layout: dense decode captured as CUDA graphs per batch bucket, T3 and S3Gen on their
     own streams. Near-greedy tokens equal the solo run's (fp32); in bf16 most of them do."""
-    backbone = dataclasses.replace(T3Config.for_variant("chatterbox").backbone, num_layers=2)
-    tts = TTS.from_dummy("chatterbox", seed=0, device="cuda", dtype=dtype, backbone=backbone)
+    tts = TTS.from_dummy("chatterbox", seed=0, device="cuda", dtype=dtype,
+                         **smaller_backbone("chatterbox", num_layers=2))
     settings = [(t, dict(seed=80 + i, max_new_tokens=12 + 5 * i, **NEAR_GREEDY)) for i, t in enumerate(TEXTS[:5])]
     with Engine(tts, max_batch=8, max_len=512) as eng:
         assert eng.mode == "dense" and eng._runner.graphs is not None
