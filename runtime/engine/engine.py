@@ -39,6 +39,7 @@ from ..models.t3.config import SPEECH_CODEBOOK_SIZE
 from ..models.t3.request import T3Request
 from ..profiling import nvtx
 from .request import CANCELLED, DONE, FAILED, Request
+from .cfm_graphs import CFMGraphs
 from .s3gen_runner import Utterance, decode_batch, group_utterances
 from .t3_runner import T3Runner
 
@@ -89,7 +90,7 @@ class Engine:
     CFG variants). ``max_len``: cache entries per slot (prompt + text + speech tokens; default:
     the variant's default ``max_new_tokens`` with a voice prompt and ``DEFAULT_TEXT_BUDGET`` text
     tokens). ``memory_budget`` (bytes) instead sizes ``max_len`` to fit the KV cache in it.
-    ``cuda_graphs``: decode steps as CUDA graphs (default: on for CUDA). ``mode``: the decode
+    ``cuda_graphs``: decode steps and the CFM loop as CUDA graphs (default: on for CUDA). ``mode``: the decode
     mode (``t3_runner``), default invariant for fp32 on a CPU, dense otherwise.
     """
 
@@ -123,8 +124,16 @@ class Engine:
         self.first_chunk_tokens = _check_chunk(first_chunk_tokens, "first_chunk_tokens")
         self.s3gen_batch = int(s3gen_batch)
         self.device = tts.device
-        self._runner = T3Runner(t3, rows, max_len, mode=mode, cuda_graphs=cuda_graphs)
+        make_runner = getattr(t3, "make_engine_runner", None)  # another backend's T3 (onnxruntime)
+        if make_runner is not None:
+            self._runner = make_runner(rows, max_len, mode=mode, cuda_graphs=cuda_graphs)
+        else:
+            self._runner = T3Runner(t3, rows, max_len, mode=mode, cuda_graphs=cuda_graphs)
         self.max_len = self._runner.max_len
+        # The CFM loop as CUDA graphs per (batch, length bucket) on a GPU (torch backend only).
+        decoder = getattr(getattr(tts.s3gen, "flow", None), "decoder", None)
+        self._cfm = CFMGraphs(decoder, enabled=cuda_graphs) if decoder is not None and \
+            tts.device.type == "cuda" and cuda_graphs is not False else None
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
@@ -507,7 +516,7 @@ class Engine:
             group = [live[i] for i in idx]
             t0 = time.perf_counter()
             try:
-                wavs = decode_batch(self.tts.s3gen, [utts[i] for i in idx])
+                wavs = decode_batch(self.tts.s3gen, [utts[i] for i in idx], cfm=self._cfm)
                 outs = list(zip(group, wavs, strict=True))
             except Exception as e:  # noqa: BLE001
                 if len(group) == 1:
@@ -516,7 +525,7 @@ class Engine:
                 outs = []
                 for j, i in zip(group, idx, strict=True):  # isolate the failing request(s)
                     try:
-                        outs.append((j, decode_batch(self.tts.s3gen, [utts[i]])[0]))
+                        outs.append((j, decode_batch(self.tts.s3gen, [utts[i]], cfm=self._cfm)[0]))
                     except Exception as e1:  # noqa: BLE001
                         self._end(j, FAILED, e1)
             ready = None

@@ -56,9 +56,9 @@ def group_utterances(s3gen: S3Gen, items: Sequence[Utterance], max_batch: int = 
 
 
 @torch.inference_mode()
-def decode_batch(s3gen: S3Gen, items: Sequence[Utterance]) -> list[Tensor]:
+def decode_batch(s3gen: S3Gen, items: Sequence[Utterance], cfm=None) -> list[Tensor]:
     """Whole utterances of one bucket -> each one's waveform ``[480 M_i]`` on the device (with the
-    reference's trim-fade, as ``S3Gen.hift``)."""
+    reference's trim-fade, as ``S3Gen.hift``). ``cfm``: the CFM loop's runner (CUDA graphs)."""
     dev = s3gen.device
     B = len(items)
     lens = torch.tensor([u.tokens.numel() for u in items])
@@ -76,7 +76,8 @@ def decode_batch(s3gen: S3Gen, items: Sequence[Utterance]) -> list[Tensor]:
         noise[b, :, : n.shape[-1]] = n[0].to(dev)
     steps = items[0].n_steps
     with nvtx.range("s3gen_batch_flow", "s3gen"):
-        mel, mel_lens = s3gen.flow_mel(tokens, lens, refs, n_steps=steps, noise=noise)
+        mel, mel_lens = s3gen.flow_mel(tokens, lens, refs, n_steps=steps, noise=noise,
+                                       **({"cfm": cfm} if cfm is not None else {}))
     gens = [u.generator for u in items]
     with nvtx.range("s3gen_batch_hift", "s3gen"):
         wav = s3gen.hift(mel, mel_lens, generator=gens if all(g is not None for g in gens) else None)

@@ -119,6 +119,27 @@ class S3Gen(nn.Module):
         self.mel2wav.to(dtype=dtype)
         return self
 
+    COMPILE_PARTS = ("estimator", "hift")
+
+    def compile(self, parts=COMPILE_PARTS, **options) -> "S3Gen":
+        """``torch.compile`` the CFM estimator's and/or HiFT's forward (``parts``), in place.
+
+        Off by default: ``profiling/compile_bench.py`` measures it against eager (and CUDA graphs)
+        and BENCHMARKS.md has the figures; it is the default nowhere it has not won. Only the
+        bound methods are replaced, so state-dict keys and checkpoints are unchanged.
+        ``options`` go to ``torch.compile`` (default ``dynamic=True``: one compile for every length)."""
+        unknown = set(parts) - set(self.COMPILE_PARTS)
+        if unknown:
+            raise ValueError(f"unknown compile part(s) {sorted(unknown)}; expected some of {self.COMPILE_PARTS}")
+        options = {"dynamic": True, **options}
+        if "estimator" in parts:
+            est = self.flow.decoder.estimator
+            est.forward = torch.compile(type(est).forward.__get__(est), **options)
+        if "hift" in parts:
+            h = self.mel2wav
+            h.decode = torch.compile(type(h).decode.__get__(h), **options)
+        return self
+
     # ------------------------------------------------------------------ voice
 
     @torch.inference_mode()
@@ -163,13 +184,15 @@ class S3Gen(nn.Module):
     @nvtx.annotate("flow")
     def flow_mel(self, tokens: Tensor, token_lens: Optional[Tensor], refs: Union[Mapping, Sequence[Mapping]], *,
                  n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+                 generator: Optional[torch.Generator] = None, cfm=None) -> tuple[Tensor, Tensor]:
         """Speech tokens ``[B, T]`` (right-padded; ``token_lens [B]``) with one S3Gen reference
         dict per request (or one shared) -> (mel ``[B, 80, M]``, mel lengths ``[B]`` on the CPU):
         the frames after each request's prompt, zero past its length.
 
         ``noise [B, 80, L]`` is the CFM's initial noise over each request's full length (prompt
         frames + new frames; ``L`` at least the longest); None draws ``randn`` from ``generator``.
+        ``cfm``: runs the CFM loop instead of ``self.flow.decoder`` with its call signature (the
+        engine's CUDA-graph pool, ``chatterbox_rt.engine.cfm_graphs.CFMGraphs``).
         """
         dev, dtype = self.device, self.dtype
         tokens = torch.atleast_2d(tokens).to(dev)
@@ -214,7 +237,7 @@ class S3Gen(nn.Module):
         if padded:
             noise = noise * mask
         # Unpadded (every single request): the estimator skips its ~100 all-ones mask passes.
-        mel = self.flow.decoder(mu, mask if padded else None, spks, cond, n_steps=n_steps or self.default_steps,
+        mel = (cfm or self.flow.decoder)(mu, mask if padded else None, spks, cond, n_steps=n_steps or self.default_steps,
                                 noise=noise, meanflow=self.meanflow)
         M = int(new.max())
         out = mel.new_zeros(B, MEL_BINS, M)
