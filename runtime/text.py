@@ -756,7 +756,7 @@ def dummy_text_frontend(variant: str) -> TextFrontEnd:
         tok.path, tok.tokenizer = Path("<dummy>"), _char_tokenizer(specials, chars)
         tok.cangjie_path, tok._cangjie, tok._cangjie_lock = Path("<dummy>"), None, threading.Lock()
     elif variant in ("turbo", "nano"):
-        byte_chars = "".join(pre_tokenizers.ByteLevel.alphabet())
+        byte_chars = "".join(sorted(pre_tokenizers.ByteLevel.alphabet()))  # the alphabet comes unordered
         inner = _char_tokenizer([UNK, "<|endoftext|>"], byte_chars)
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         inner.decoder = decoders.ByteLevel()
