@@ -36,9 +36,12 @@ Chatterbox text-to-speech from the command line.
   vc       voice conversion: SOURCE speech in a target voice -> audio file
   voices   the voice library: add, list, remove
   bench    per-stage speed, optionally against the reference
+  export   ONNX graphs of a model, checked against torch (a bundle for onnxruntime, TensorRT)
+  engines  TensorRT engines from an exported bundle: build, list, clean
 
-Models come from --ckpt DIR (the official file names) or --dummy-weights (seeded random
-weights at the real shapes: the speed is real, the audio is noise). A user error prints one
+Models come from --ckpt DIR (the official file names), --dummy-weights (seeded random
+weights at the real shapes: the speed is real, the audio is noise) or --bundle DIR (an
+exported bundle, run on onnxruntime). A user error prints one
 line "chatterbox-rt: error: ..." and exits with status 2. 'chatterbox-rt COMMAND --help'
 describes each command."""
 
@@ -569,9 +572,21 @@ def _library(args):
 
 def _check_model_options(args) -> None:
     """Every option that decides what loads and where, checked before anything loads."""
-    if not args.ckpt and not args.dummy_weights:
-        raise ValueError("no model: give --ckpt DIR (a checkpoint directory with the official files) or "
-                         "--dummy-weights (seeded random weights; the audio is noise)")
+    bundle = getattr(args, "bundle", None)
+    if not args.ckpt and not args.dummy_weights and not bundle:
+        raise ValueError("no model: give --ckpt DIR (a checkpoint directory with the official files), "
+                         "--dummy-weights (seeded random weights; the audio is noise) or --bundle DIR (an exported "
+                         "bundle)")
+    if bundle:
+        if getattr(args, "backend", "torch") not in ("torch", "onnxruntime"):
+            raise ValueError("--bundle runs on onnxruntime; --backend tensorrt takes engines built with "
+                             "`chatterbox-rt engines build`")
+        if args.dtype not in ("fp32", "float32"):
+            raise ValueError("--bundle runs the precision the bundle was exported in; drop --dtype")
+        for opt in ("t3_file", "lora", "behaviour"):
+            if getattr(args, opt, None):
+                raise ValueError(f"--{opt.replace('_', '-')} applies when loading a checkpoint, not a --bundle "
+                                 f"(export the checkpoint with it instead)")
     if args.t3_layers and not args.dummy_weights:
         raise ValueError("--t3-layers (a testing aid) only applies with --dummy-weights")
     check_runtime_options(args)
@@ -593,10 +608,14 @@ def _load_tts(args):
     from .tts import TTS
 
     device, dtype = _device(args.device), _dtype(args.dtype)
+    backend = getattr(args, "backend", "torch") or "torch"
+    threads = getattr(args, "threads", None) or None
+    if getattr(args, "bundle", None):
+        return TTS.from_exported(args.bundle, device=device, threads=threads)
     if args.ckpt:
         return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype,
                               t3_file=getattr(args, "t3_file", None), lora=getattr(args, "lora", None),
-                              behaviour=getattr(args, "behaviour", None))
+                              behaviour=getattr(args, "behaviour", None), backend=backend, threads=threads)
     variant = args.variant or DUMMY_VARIANT
     behaviour = getattr(args, "behaviour", None)
     overrides = {}
@@ -607,7 +626,8 @@ def _load_tts(args):
         overrides = smaller_backbone(variant, behaviour=behaviour, num_layers=args.t3_layers)
     elif behaviour is not None:
         overrides = dict(behaviour=behaviour)
-    return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, **overrides)
+    return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, backend=backend,
+                          threads=threads, **overrides)
 
 
 def _decode_text(data: bytes, where: str) -> str:
@@ -879,11 +899,17 @@ def _audio_output_options(p: argparse.ArgumentParser) -> None:
                         "(Ogg/Opus) or pcm (raw 16-bit little-endian mono samples, no header)")
 
 
-def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = False) -> None:
+def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = False, bundle: bool = False) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="DIR", help="checkpoint directory (official file names)")
     src.add_argument("--dummy-weights", action="store_true",
                      help="seeded random weights at the real shapes (the audio is noise)")
+    if bundle:
+        src.add_argument("--bundle", metavar="DIR", default=None,
+                         help="an exported bundle (`chatterbox-rt export`), run on onnxruntime")
+        p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                       help="torch (default), or onnxruntime: the model is exported once to the export cache "
+                            "($CHATTERBOX_RT_EXPORTS, default ~/.cache/chatterbox-rt/onnx) and run there")
     if variant:
         p.add_argument("--variant", default=None, choices=VARIANT_CHOICES,
                        help=f"model variant (default: detected from --ckpt; {DUMMY_VARIANT} with --dummy-weights)")
@@ -934,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     vs = s.add_mutually_exclusive_group()
     vs.add_argument("--voice", metavar="CLIP", help="reference clip to clone (default: the checkpoint's voice)")
     vs.add_argument("--voice-id", metavar="NAME", help="a voice from the library (see `voices add`)")
-    _model_options(s, t3=True)
+    _model_options(s, t3=True, bundle=True)
     _library_option(s)
     s.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
     s.add_argument("--exaggeration", type=float, default=None,
@@ -972,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = vsub.add_parser("add", help="prepare a clip once and store it under NAME")
     a.add_argument("name", metavar="NAME", help="1-64 of A-Z a-z 0-9 . _ - (not starting with '.')")
     a.add_argument("clip", metavar="CLIP", help="reference clip (audio file)")
-    _model_options(a, t3=True)
+    _model_options(a, t3=True, bundle=True)
     _library_option(a)
     a.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration stored with the voice")
     a.add_argument("--overwrite", action="store_true", help="replace an existing voice of that name")
@@ -994,6 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights and inputs in the same process and reports reference/ours ratios.")
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from .export.cli import add_parsers as add_export_parsers
+
+    add_export_parsers(sub, _model_options)
     return p
 
 
@@ -1007,6 +1037,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .audio import AudioError
     from .checkpoint import CheckpointError
+    from .export._onnx import ExportError
+    from .export.manifest import BundleError
+    from .export.tensorrt import EngineError
     from .kernels.dispatch import KernelUnavailable
     from .voice import VoiceError
     from .watermark import WatermarkUnavailable
@@ -1014,7 +1047,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (AudioError, VoiceError, CheckpointError, WatermarkUnavailable, KernelUnavailable, ValueError, TypeError,
-            ImportError, OSError) as e:
+            ImportError, OSError, BundleError, ExportError, EngineError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"chatterbox-rt: error: {msg}", file=sys.stderr)
         return 2

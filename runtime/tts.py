@@ -158,6 +158,8 @@ class TTS(S3GenPipeline):
         self.dtype = t3.dtype
         self.builtin_voice = builtin.to(self.device) if builtin is not None else None
         self.source = source
+        self.backend = "torch"  # "onnxruntime" for TTS.from_exported (chatterbox_rt.export.ort_backend)
+        self.ckpt_dir: Optional[Path] = None  # the checkpoint directory, when loaded from one
         self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
 
     @property
@@ -173,7 +175,8 @@ class TTS(S3GenPipeline):
     @classmethod
     def from_local(cls, ckpt_dir: Union[str, Path], variant: Optional[str] = None, device=None,
                    dtype=torch.float32, *, t3_file: Optional[Union[str, Path]] = None,
-                   behaviour: Optional[str] = None, lora: Optional[Union[str, Path]] = None) -> "TTS":
+                   behaviour: Optional[str] = None, lora: Optional[Union[str, Path]] = None,
+                   backend: str = "torch", threads: Optional[int] = None) -> "TTS":
         """Load a checkpoint directory by the official file names (variant detected if not given).
 
         ``t3_file``: the T3 file to load instead of the variant's official one: upstream's
@@ -181,8 +184,16 @@ class TTS(S3GenPipeline):
         Language Pack's fine-tunes), or a path. ``behaviour`` (multilingual): "0.1.7" (alignment-
         guided EOS, repetition penalty 2.0; the default for the V2 file) or "upstream" (upstream
         HEAD: none of that, penalty 1.2, the last token's audio dropped; the default for V3 and any
-        other file). ``lora``: a PEFT LoRA adapter directory merged into T3 at load."""
+        other file). ``lora``: a PEFT LoRA adapter directory merged into T3 at load.
+
+        ``backend``: "torch" (default) or "onnxruntime": the checkpoint is exported once to the
+        export cache (``$CHATTERBOX_RT_EXPORTS``, default ``~/.cache/chatterbox-rt/onnx``, keyed by
+        the weights' content hash) and run from there, as ``TTS.from_exported``."""
         from .checkpoint import check_files, resolve_t3
+
+        if backend != "torch":
+            return cls._other_backend(backend, threads, device, dtype, cls.from_local, ckpt_dir, variant,
+                                      t3_file=t3_file, behaviour=behaviour, lora=lora)
 
         ckpt_dir = Path(ckpt_dir)
         device = device or default_device()
@@ -210,14 +221,49 @@ class TTS(S3GenPipeline):
         frontend = load_text_frontend(ckpt_dir, key)
         extra = f", T3 {t3_path.name}" + (f", {behaviour} behaviour" if behaviour else "") + \
             (f", LoRA {lora}" if lora is not None else "")
-        return cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir),
-                   source=f"checkpoint {ckpt_dir}{extra}")
+        tts = cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir), source=f"checkpoint {ckpt_dir}{extra}")
+        tts.ckpt_dir = ckpt_dir
+        return tts
 
     @classmethod
-    def from_dummy(cls, variant: str, seed: int = 0, device=None, dtype=torch.float32, **t3_overrides) -> "TTS":
+    def from_exported(cls, bundle_dir: Union[str, Path], device: str = "cpu", *, threads: Optional[int] = None,
+                      verify: bool = False) -> "TTS":
+        """A bundle written by ``chatterbox-rt export`` (``chatterbox_rt.export.export``), run on
+        onnxruntime: the same API, sampling and Engine as the torch backend. ``verify=True``
+        also checks every file's digest (reads every byte)."""
+        from .export.ort_backend import load_exported
+
+        return load_exported(bundle_dir, device=str(device), threads=threads, verify=verify)
+
+    @classmethod
+    def _other_backend(cls, backend: str, threads, device, dtype, loader, *args, **kw) -> "TTS":
+        """Load with torch on the CPU (the exporter's input), export once, run the bundle."""
+        from .export.ort_backend import cached_export, check_backend
+
+        check_backend(backend)
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"backend={backend!r} runs the exported graphs' precision; load with dtype=float32 "
+                             f"(reduced precision comes from `chatterbox-rt export --precision`)")
+        if backend == "tensorrt":
+            from .export.tensorrt import import_tensorrt
+
+            import_tensorrt()  # the install advice when it is missing
+            raise NotImplementedError("backend='tensorrt' runs engines built by `chatterbox-rt engines build`; "
+                                      "the end-to-end TensorRT pipeline is not wired yet (see export/README.md)")
+        tts = loader(*args, device="cpu", dtype=torch.float32, **kw)
+        bundle = cached_export(tts)
+        del tts
+        return cls.from_exported(bundle, device=str(device or "cpu"), threads=threads)
+
+    @classmethod
+    def from_dummy(cls, variant: str, seed: int = 0, device=None, dtype=torch.float32, *, backend: str = "torch",
+                   threads: Optional[int] = None, **t3_overrides) -> "TTS":
         """Seeded random weights at the real shapes, a character-level stand-in tokenizer and a
         random built-in voice: for tests and benchmarks (the audio is noise, the work is real).
-        ``t3_overrides`` replace T3Config fields (e.g. a smaller backbone for fast tests)."""
+        ``t3_overrides`` replace T3Config fields (e.g. a smaller backbone for fast tests).
+        ``backend="onnxruntime"``: exported once to the export cache and run from there."""
+        if backend != "torch":
+            return cls._other_backend(backend, threads, device, dtype, cls.from_dummy, variant, seed, **t3_overrides)
         device = device or default_device()
         key = canonical_variant(variant)
         t3 = T3.from_dummy(variant, seed=seed, device=device, dtype=dtype, **t3_overrides)

@@ -189,6 +189,9 @@ class Engine:
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown}; expected some of "
                             f"{list(SAMPLING_ARGS) + list(ENGINE_ARGS)}")
+        if stream and getattr(self.tts, "backend", "torch") != "torch":
+            raise ValueError(f"stream=True needs the torch backend (its streaming flow and HiFT state); this model "
+                             f"runs on {self.tts.backend}: submit without stream=True for the whole utterance")
         sampling = {k: kw[k] for k in SAMPLING_ARGS if k in kw}
         tts = self.tts
         v = tts._voice(voice)
