@@ -36,6 +36,9 @@ def add_parsers(sub, model_options) -> None:
                    help="native (this runtime's graphs) or onnx-community (existing ONNX clients' four graphs)")
     e.add_argument("--n-steps", type=int, default=None, help="CFM steps of the whole-loop graph (default: the "
                                                              "decoder's, 10; 2 for Turbo/Nano)")
+    e.add_argument("--default-voice", metavar="CLIP", default=None,
+                   help="onnx-community layout: a clip written as default_voice.wav (its clients' voice when given "
+                        "none; a checkpoint's conds.pt holds no audio)")
     e.add_argument("--force", action="store_true", help="write into a directory holding another bundle")
     e.set_defaults(func=cmd_export)
 
@@ -68,6 +71,11 @@ def cmd_export(args) -> int:
     from .exporter import export, parse_components
 
     comps = parse_components(args.components)  # before anything loads
+    if args.default_voice is not None:
+        if args.layout != "onnx-community":
+            raise ValueError("--default-voice applies to --layout onnx-community")
+        if not __import__("pathlib").Path(args.default_voice).is_file():
+            raise ValueError(f"--default-voice {args.default_voice}: no such file")
     opset = args.opset if args.opset is not None else DEFAULT_OPSET
     if args.n_steps is not None and args.n_steps < 1:
         raise ValueError(f"--n-steps must be >= 1, got {args.n_steps}")
@@ -79,7 +87,7 @@ def cmd_export(args) -> int:
     tts = _load_tts(args)
     t0 = time.perf_counter()
     m = export(tts, args.out, components=comps, precision=args.precision, opset=opset, layout=args.layout,
-               force=args.force, n_steps=args.n_steps)
+               force=args.force, n_steps=args.n_steps, default_voice=args.default_voice)
     print(f"exported {m.variant} ({m.layout}, {m.precision}, opset {m.opset}) to {args.out} in "
           f"{time.perf_counter() - t0:.1f} s")
     for name, g in m.graphs.items():

@@ -115,14 +115,17 @@ def _run_component(name: str, tts, staging: Path, opset: int, n_steps: Optional[
 
 
 def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-           layout: str = "native", force: bool = False, n_steps: Optional[int] = None) -> Manifest:
+           layout: str = "native", force: bool = False, n_steps: Optional[int] = None,
+           default_voice=None) -> Manifest:
     """Export ``tts`` (a torch-backend ``TTS``) to ``out_dir`` and check every graph against torch.
 
     ``components``: some of "t3", "s3gen", "frontends" (default all). ``precision``: "fp32"
     (the graphs' float type; "int8"/"int4" quantise T3's weight matrices, see ``quantize``).
     ``layout``: "native" or "onnx-community" (the four-graph bundle existing ONNX clients read).
     ``force``: write into a directory holding another model's bundle. ``n_steps``: the CFM steps
-    of the whole-loop graph (default: the decoder's). Returns the written ``Manifest``."""
+    of the whole-loop graph (default: the decoder's). ``default_voice`` (onnx-community layout): a
+    clip written as the bundle's ``default_voice.wav``, which its clients use when given no voice.
+    Returns the written ``Manifest``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if precision not in PRECISIONS:
@@ -133,7 +136,8 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
     if layout == "onnx-community":
         from .onnx_community import export_onnx_community
 
-        return export_onnx_community(tts, out_dir, precision=precision, opset=opset, force=force)
+        return export_onnx_community(tts, out_dir, precision=precision, opset=opset, force=force, n_steps=n_steps,
+                                     default_voice=default_voice)
     comps = parse_components(components)
     hashes = model_hashes(tts)
     model_hash = combined_hash(hashes)
