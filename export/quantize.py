@@ -23,10 +23,22 @@ BLOCK_SIZE = {8: 32, 4: 32}
 ACCURACY_LEVEL = 4  # int8 compute inside MatMulNBits where the CPU supports it
 
 
-def _quantize_model(model, bits: int):
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+def _import_quantizer():
+    """onnxruntime's quantizer, imported without its side effect on the caller's logging (its
+    import runs ``logging.basicConfig(level=INFO)`` on the root logger)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
+def _quantize_model(model, bits: int):
+    MatMulNBitsQuantizer = _import_quantizer()
 
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE[bits], is_symmetric=True,
                              accuracy_level=ACCURACY_LEVEL)

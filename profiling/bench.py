@@ -164,9 +164,11 @@ def p90(xs: list) -> float:
 def module_mb(*modules) -> float:
     seen, total = set(), 0
     for m in modules:
-        if m is None:
+        if m is None or not isinstance(m, torch.nn.Module):  # another backend's stage holds no torch weights
             continue
         for t in list(m.parameters()) + list(m.buffers()):
+            if t.device.type == "meta":
+                continue
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
@@ -691,6 +693,15 @@ def format_report(result: dict) -> str:
         lines.append(row)
     lines.append(f"# peak host RSS of the process: {result['peak_host_rss_mb']:.0f} MiB"
                  + (" (both sides loaded)" if ref is not None else ""))
+    for name, side in (result.get("backends") or {}).items():
+        sp = result["backend_speedup"].get(name, {})
+        lines.append(f"# {name} (same weights, same inputs; speed-up over our torch backend):")
+        for label, key, unit in ROWS:
+            if key in side:
+                q = side.get("p90", {}).get(key)
+                cell = f"{_fmt(side[key])} ({_fmt(q)})" if q is not None else _fmt(side[key])
+                s_ = sp.get(key)
+                lines.append(f"{label:<28} {unit:<6} {cell:>18} {('%.2fx' % s_) if s_ is not None else '-':>9}")
     lines += _concurrency_table(result)
     st = result.get("stream")
     if st is not None:
@@ -807,6 +818,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokens/s and x real time, latency and first-audio percentiles, peak memory")
     p.add_argument("--stream", action="store_true",
                    help="stream the requests (first audio = the first chunk) and time one streamed request alone")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="onnxruntime: also export our model (to a temporary bundle) and time every stage on "
+                        "onnxruntime beside the torch backend, same weights and inputs, same run")
+    p.add_argument("--onnx-precision", default="fp32", metavar="P[,P...]",
+                   help="with --backend onnxruntime: the bundles to time, some of fp32, int8, int4 (T3's weights "
+                        "as MatMulNBits); default fp32")
     p.add_argument("--compare-upstream", action="store_true",
                    help="also run the reference (chatterbox-tts 0.1.7) with identical weights and inputs")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before timing (default 1)")
@@ -886,6 +903,15 @@ def validate(args) -> None:
                               f"chatterbox-tts=={REFERENCE_VERSION} and its imports (make test's set-up installs "
                               "them: pip install -e '.[test]' && pip install --no-deps -r "
                               "tests/requirements-reference.txt)")
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        bad = [p for p in _onnx_precisions(args) if p not in ("fp32", "int8", "int4")]
+        if bad:
+            raise ValueError(f"--onnx-precision: unknown {bad}; choose from fp32, int8, int4")
+        if args.dtype not in ("fp32", "float32"):
+            raise ValueError("--backend onnxruntime exports from the fp32 model: use --dtype fp32")
+        from ..export._onnx import require_onnxruntime
+
+        require_onnxruntime()
     if args.voice and not Path(args.voice).is_file():
         raise ValueError(f"--voice {args.voice}: no such file")
     if args.voice:
@@ -903,6 +929,29 @@ def validate(args) -> None:
                 check_output_path(path)
             except OSError as e:
                 raise OSError(f"--{option}: {e}") from None
+
+
+def _onnx_precisions(args) -> list:
+    return [p for p in str(getattr(args, "onnx_precision", "fp32")).replace(" ", "").split(",") if p]
+
+
+def onnx_sides(ours, args, tmp: Path, clip: Path, text_ids, n: int, watermark: bool) -> list:
+    """The onnxruntime backend of the same model, one side per bundle precision (exported here)."""
+    from ..export import export
+    from ..tts import TTS
+
+    sides = []
+    for prec in _onnx_precisions(args):
+        out = tmp / f"bundle-{prec}"
+        t0 = time.perf_counter()
+        print(f"bench: exporting to onnxruntime ({prec}) ...", flush=True)
+        export(ours, out, precision=prec)
+        print(f"bench: exported in {time.perf_counter() - t0:.0f} s", flush=True)
+        ort = TTS.from_exported(out, threads=args.threads or None)
+        side = our_side(ort, clip, text_ids, n, args.seed, watermark)
+        side.name = f"onnxruntime-{prec}"
+        sides.append(side)
+    return sides
 
 
 def run(args) -> dict:
@@ -942,6 +991,10 @@ def run(args) -> dict:
                                           f" with this voice and a text of {longest} tokens")
             if ref_tts is not None:
                 sides.append(reference_side(ref_tts, clip, text_ids, n, args.seed, watermark, device))
+            if getattr(args, "backend", "torch") == "onnxruntime":
+                if device.type != "cpu":
+                    raise ValueError("--backend onnxruntime is measured on the CPU execution provider: --device cpu")
+                sides += onnx_sides(ours, args, Path(tmp), clip, text_ids, n, watermark)
 
             def set_run(i):
                 for s in sides:
@@ -970,10 +1023,17 @@ def run(args) -> dict:
                    "weights": f"checkpoint {args.ckpt}" if args.ckpt else f"dummy (seed {args.seed})"
                    + (", reduced T3" if args.reduced_t3 else ""),
                    "voice": str(args.voice) if args.voice else "synthetic", "stream": bool(args.stream),
-                   "compare_upstream": bool(args.compare_upstream)},
+                   "compare_upstream": bool(args.compare_upstream),
+                   "backend": getattr(args, "backend", "torch"),
+                   "onnx_precision": _onnx_precisions(args) if getattr(args, "backend", "torch") != "torch" else []},
         "ours": summaries["ours"],
         "reference": summaries.get("reference"),
         "speedup": _speedup(summaries["ours"], summaries["reference"]) if "reference" in summaries else {},
+        # other backends of our model: their figures, and speed-ups over our torch backend (> 1: faster)
+        "backends": {k: v for k, v in summaries.items() if k not in ("ours", "reference")},
+        # (memory is left out: another backend's weights live outside torch, where peak_mem_mb looks)
+        "backend_speedup": {k: {m: x for m, x in _speedup(v, summaries["ours"]).items() if m != "peak_mem_mb"}
+                            for k, v in summaries.items() if k not in ("ours", "reference")},
         "concurrency": concurrency,
         "stream": stream,
         "peak_host_rss_mb": peak_rss_mb(),

@@ -30,6 +30,12 @@ def nano(tmp_path_factory, one_thread):
     return tts, out, m
 
 
+@pytest.fixture(scope="module")
+def ort(nano):
+    """The bundle on onnxruntime, loaded once (opening the CFM loop graph takes seconds)."""
+    return TTS.from_exported(nano[1])
+
+
 def test_manifest_records_every_graph(nano):
     tts, out, m = nano
     data = json.loads((out / "manifest.json").read_text())
@@ -48,9 +54,8 @@ def test_manifest_records_every_graph(nano):
     assert Manifest.read(out, verify=True).model_hash == m.model_hash
 
 
-def test_onnxruntime_backend_matches_torch(nano):
+def test_onnxruntime_backend_matches_torch(nano, ort):
     tts, out, _ = nano
-    ort = TTS.from_exported(out)
     assert ort.backend == "onnxruntime" and ort.variant == "nano"
     kw = dict(seed=3, max_new_tokens=12, stop_on_eos=False, watermark=False, **NEAR_GREEDY)
     want_tok = tts.t3_tokens("Hello there.", seed=3, max_new_tokens=12, stop_on_eos=False, **NEAR_GREEDY)
@@ -62,9 +67,7 @@ def test_onnxruntime_backend_matches_torch(nano):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-3
 
 
-def test_engine_runs_on_the_onnxruntime_backend(nano):
-    _, out, _ = nano
-    ort = TTS.from_exported(out)
+def test_engine_runs_on_the_onnxruntime_backend(ort):
     kw = dict(seed=5, max_new_tokens=10, stop_on_eos=False, watermark=False, **NEAR_GREEDY)
     solo = ort.generate("One two.", **kw)
     with ort.engine(max_batch=2) as eng:
@@ -74,11 +77,10 @@ def test_engine_runs_on_the_onnxruntime_backend(nano):
     assert float((outs[0] - solo).abs().max() / solo.abs().max()) < 2e-3
 
 
-def test_voice_prepared_on_onnxruntime(nano):
+def test_voice_prepared_on_onnxruntime(nano, ort):
     tts, out, _ = nano
     import numpy as np
 
-    ort = TTS.from_exported(out)
     wav = np.random.default_rng(0).standard_normal(24000 * 6).astype(np.float32) * 0.1
     v_ort = ort.prepare_conditionals(wav, sr=24000)
     v_pt = tts.prepare_conditionals(wav, sr=24000)
@@ -157,9 +159,7 @@ def test_cli_export_then_synth(tmp_path):
     assert r.returncode == 2 and "another model" in r.stderr
 
 
-def test_streaming_is_refused_clearly_on_onnxruntime(nano):
-    _, out, _ = nano
-    ort = TTS.from_exported(out)
+def test_streaming_is_refused_clearly_on_onnxruntime(ort):
     with ort.engine(max_batch=1) as eng:
         with pytest.raises(ValueError, match="stream=True needs the torch backend"):
             eng.submit("Hi.", stream=True)
