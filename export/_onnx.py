@@ -180,7 +180,14 @@ def providers_for(device: str = "cpu") -> list:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: Path, *, device: str = "cpu", threads: Optional[int] = None):
+def open_session(path: Path, *, device: str = "cpu", threads: Optional[int] = None,
+                 session_factory: Optional[Callable] = None):
+    """An onnxruntime session over ``path``; ``session_factory(path, device=, threads=)``, when
+    given, opens it instead (the TensorRT backend: ``ort_backend.TrtSessionFactory``)."""
+    if session_factory is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ONNX graph not found: {path}")
+        return session_factory(Path(path), device=device, threads=threads)
     ort = require_onnxruntime()
     path = Path(path)
     if not path.is_file():

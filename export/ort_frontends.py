@@ -102,7 +102,7 @@ class OrtVoiceEncoder:
 
     @classmethod
     def load(cls, path: Union[str, Path], config=None, *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtVoiceEncoder":
+             threads: Optional[int] = None, session_factory=None) -> "OrtVoiceEncoder":
         """``path``: a bundle directory (``config`` as :func:`load_frontends_config` takes it) or the
         ``voice_encoder.onnx`` file (``config``: the front ends' config or its ``"voice_encoder"``
         entry; None: the defaults)."""
@@ -114,7 +114,7 @@ class OrtVoiceEncoder:
             config = config["voice_encoder"]
         names = {f.name for f in fields(VoiceEncoderConfig) if f.init}
         c = VoiceEncoderConfig(**{k: v for k, v in (config or {}).items() if k in names})
-        return cls(open_session(path, device=device, threads=threads), c)
+        return cls(open_session(path, device=device, threads=threads, session_factory=session_factory), c)
 
     def __call__(self, mels: Union[Tensor, np.ndarray]) -> Tensor:
         """Partials ``[B, P, M]`` -> L2-normalised embeddings ``[B, E]`` (CPU float32)."""
@@ -190,8 +190,9 @@ class OrtS3Tokenizer:
 
     @classmethod
     def load(cls, path, config: Optional[Mapping] = None, *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtS3Tokenizer":
-        return cls(open_session(path, device=device, threads=threads), config, device)
+             threads: Optional[int] = None, session_factory=None) -> "OrtS3Tokenizer":
+        return cls(open_session(path, device=device, threads=threads, session_factory=session_factory), config,
+                   device)
 
     def _rows(self, wavs) -> list:
         if torch.is_tensor(wavs) and wavs.dim() == 1:
@@ -256,8 +257,9 @@ class OrtCAMPPlus:
 
     @classmethod
     def load(cls, path, config: Optional[Mapping] = None, *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtCAMPPlus":
-        return cls(open_session(path, device=device, threads=threads), config, device)
+             threads: Optional[int] = None, session_factory=None) -> "OrtCAMPPlus":
+        return cls(open_session(path, device=device, threads=threads, session_factory=session_factory), config,
+                   device)
 
     def inference(self, wavs: Union[Sequence[Audio], Tensor]) -> Tensor:
         """16 kHz ``[B, N]`` (or a list of equal-length 1-D waveforms) -> ``[B, 192]`` float32."""
@@ -289,8 +291,9 @@ class OrtPromptMel:
 
     @classmethod
     def load(cls, path, config: Optional[Mapping] = None, *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtPromptMel":
-        return cls(open_session(path, device=device, threads=threads), config, device)
+             threads: Optional[int] = None, session_factory=None) -> "OrtPromptMel":
+        return cls(open_session(path, device=device, threads=threads, session_factory=session_factory), config,
+                   device)
 
     def __call__(self, wav_24k: Audio) -> Tensor:
         """``[N]`` or ``[B, N]`` 24 kHz -> ``[B, N // 480, 80]`` float32."""
@@ -326,7 +329,7 @@ class OrtFrontEnds:
 
     @classmethod
     def load(cls, bundle_dir: Union[str, Path], config=None, *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtFrontEnds":
+             threads: Optional[int] = None, session_factory=None) -> "OrtFrontEnds":
         """Open ``bundle_dir``'s front-end graphs. ``config``: see :func:`load_frontends_config`.
         ``device``: onnxruntime's device ("cpu", "cuda"); outputs are returned there as torch tensors
         (embeddings of the voice encoder on the CPU, as ``VoiceEncoder`` returns numpy)."""
@@ -337,7 +340,7 @@ class OrtFrontEnds:
         if missing:
             raise FileNotFoundError(f"front-end graph(s) {missing} not found in {bundle_dir} "
                                     f"(export them with chatterbox_rt.export.frontend_onnx.export_frontends)")
-        kw = dict(device=device, threads=threads)
+        kw = dict(device=device, threads=threads, session_factory=session_factory)
         return cls(OrtVoiceEncoder.load(bundle_dir / files["voice_encoder"], cfg["voice_encoder"], **kw),
                    OrtS3Tokenizer.load(bundle_dir / files["s3_tokenizer"], cfg["s3_tokenizer"], **kw),
                    OrtCAMPPlus.load(bundle_dir / files["campplus"], cfg["campplus"], **kw),

@@ -84,14 +84,16 @@ class OrtS3Gen:
 
     @classmethod
     def load(cls, bundle_dir: Union[str, Path], config: Mapping, extras: Mapping[str, Tensor], *,
-             device="cpu", threads: Optional[int] = None) -> "OrtS3Gen":
+             device="cpu", threads: Optional[int] = None, session_factory=None) -> "OrtS3Gen":
         """Sessions over ``bundle_dir``'s graphs named in ``config["graphs"]`` (the flow encoder, the
-        CFM loop and HiFT now; the estimator on the first request for another step count)."""
+        CFM loop and HiFT now; the estimator on the first request for another step count).
+        ``session_factory``: opens the graphs instead of onnxruntime (``_onnx.open_session``)."""
         bundle = Path(bundle_dir)
         files = dict(config["graphs"])
 
         def opener(role: str):
-            return open_session(bundle / files[role], device=str(device), threads=threads)
+            return open_session(bundle / files[role], device=str(device), threads=threads,
+                                session_factory=session_factory)
 
         sessions = {role: opener(role) for role in ("flow_encoder", "cfm_loop", "hift")}
         return cls(sessions, config, extras, device=device, opener=opener)

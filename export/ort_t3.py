@@ -57,7 +57,7 @@ def _ort_value(x):
     """A CPU array (or tensor, or OrtValue) as an OrtValue; the caller keeps ``x`` alive while the
     session runs (onnxruntime reads numpy memory in place)."""
     ort = require_onnxruntime()
-    if isinstance(x, ort.OrtValue):
+    if isinstance(x, ort.OrtValue) or getattr(x, "is_device_value", False):  # (a TrtValue: bound as it is)
         return x
     if torch.is_tensor(x):
         x = x.detach().cpu().numpy()
@@ -71,7 +71,7 @@ class OrtT3(T3):
     rows of one request, as ``T3.generate`` runs); the engine's runner keeps its own per request."""
 
     def __init__(self, config, bundle_dir, extras: Mapping[str, Tensor], *, graph_config: Optional[Mapping] = None,
-                 device: str = "cpu", threads: Optional[int] = None):
+                 device: str = "cpu", threads: Optional[int] = None, session_factory=None):
         with torch.device("meta"):
             super().__init__(config)
         self.tfmr = _InOnnx("transformer backbone")
@@ -86,9 +86,9 @@ class OrtT3(T3):
         self.bundle_dir = bundle_dir
         self.ort_device = str(device)
         self._prefill_sess = open_session(bundle_dir / graphs.get(PREFILL, f"{PREFILL}.onnx"), device=device,
-                                          threads=threads)
+                                          threads=threads, session_factory=session_factory)
         self._decode_sess = open_session(bundle_dir / graphs.get(DECODE, f"{DECODE}.onnx"), device=device,
-                                         threads=threads)
+                                         threads=threads, session_factory=session_factory)
         L = config.backbone.num_layers
         self._kv_names = [n for i in range(L) for n in (f"present.{i}.key", f"present.{i}.value")]
         self._past_names = [n for i in range(L) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
@@ -107,15 +107,17 @@ class OrtT3(T3):
 
     @classmethod
     def load(cls, bundle_dir, config_json: Union[Mapping, str], extras: Mapping[str, Tensor], *, device: str = "cpu",
-             threads: Optional[int] = None) -> "OrtT3":
+             threads: Optional[int] = None, session_factory=None) -> "OrtT3":
         """From an export's files: ``bundle_dir`` holding ``t3_prefill.onnx``, ``t3_decode.onnx`` and
         ``t3.onnx.data``; ``config_json``: ``ComponentExport.config`` (a dict or its JSON text);
         ``extras``: the ``t3.``-prefixed tensors of ``ComponentExport.extras`` (other keys ignored).
-        ``device``: onnxruntime's provider ("cpu" or "cuda"); ``threads``: its intra-op threads."""
+        ``device``: onnxruntime's provider ("cpu" or "cuda"); ``threads``: its intra-op threads;
+        ``session_factory``: opens the graphs instead of onnxruntime (``_onnx.open_session``)."""
         if isinstance(config_json, str):
             config_json = json.loads(config_json)
         cfg = t3_config_from_json(config_json)
-        return cls(cfg, bundle_dir, extras, graph_config=config_json, device=device, threads=threads)
+        return cls(cfg, bundle_dir, extras, graph_config=config_json, device=device, threads=threads,
+                   session_factory=session_factory)
 
     def _load_extras(self, extras: Mapping[str, Tensor]) -> None:
         sd = {k[len(EXTRAS_PREFIX):]: v for k, v in extras.items() if k.startswith(EXTRAS_PREFIX)}

@@ -578,9 +578,6 @@ def _check_model_options(args) -> None:
                          "--dummy-weights (seeded random weights; the audio is noise) or --bundle DIR (an exported "
                          "bundle)")
     if bundle:
-        if getattr(args, "backend", "torch") not in ("torch", "onnxruntime"):
-            raise ValueError("--bundle runs on onnxruntime; --backend tensorrt takes engines built with "
-                             "`chatterbox-rt engines build`")
         if args.dtype not in ("fp32", "float32"):
             raise ValueError("--bundle runs the precision the bundle was exported in; drop --dtype")
         for opt in ("t3_file", "lora", "behaviour"):
@@ -610,7 +607,12 @@ def _load_tts(args):
     device, dtype = _device(args.device), _dtype(args.dtype)
     backend = getattr(args, "backend", "torch") or "torch"
     threads = getattr(args, "threads", None) or None
+    if args.device == "auto" and (getattr(args, "bundle", None) or backend == "onnxruntime") and \
+            backend != "tensorrt":
+        device = _onnxruntime_auto_device()
     if getattr(args, "bundle", None):
+        if backend == "tensorrt":
+            return TTS.from_exported(args.bundle, device=device, threads=threads, backend="tensorrt")
         return TTS.from_exported(args.bundle, device=device, threads=threads)
     if args.ckpt:
         return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype,
@@ -628,6 +630,16 @@ def _load_tts(args):
         overrides = dict(behaviour=behaviour)
     return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, backend=backend,
                           threads=threads, **overrides)
+
+
+def _onnxruntime_auto_device() -> str:
+    """--device auto for onnxruntime: cuda where its CUDA execution provider is installed."""
+    try:
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def _decode_text(data: bytes, where: str) -> str:
@@ -906,10 +918,12 @@ def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = 
                      help="seeded random weights at the real shapes (the audio is noise)")
     if bundle:
         src.add_argument("--bundle", metavar="DIR", default=None,
-                         help="an exported bundle (`chatterbox-rt export`), run on onnxruntime")
+                         help="an exported bundle (`chatterbox-rt export`), run on onnxruntime (or TensorRT with "
+                              "--backend tensorrt)")
         p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
-                       help="torch (default), or onnxruntime: the model is exported once to the export cache "
-                            "($CHATTERBOX_RT_EXPORTS, default ~/.cache/chatterbox-rt/onnx) and run there")
+                       help="torch (default); onnxruntime: the model is exported once to the export cache "
+                            "($CHATTERBOX_RT_EXPORTS, default ~/.cache/chatterbox-rt/onnx) and run there; tensorrt: "
+                            "the same, T3 and the flow as TensorRT engines (cached; needs TensorRT and a GPU)")
     if variant:
         p.add_argument("--variant", default=None, choices=VARIANT_CHOICES,
                        help=f"model variant (default: detected from --ckpt; {DUMMY_VARIANT} with --dummy-weights)")

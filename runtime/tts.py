@@ -158,7 +158,7 @@ class TTS(S3GenPipeline):
         self.dtype = t3.dtype
         self.builtin_voice = builtin.to(self.device) if builtin is not None else None
         self.source = source
-        self.backend = "torch"  # "onnxruntime" for TTS.from_exported (chatterbox_rt.export.ort_backend)
+        self.backend = "torch"  # "onnxruntime"/"tensorrt" for TTS.from_exported (chatterbox_rt.export.ort_backend)
         self.ckpt_dir: Optional[Path] = None  # the checkpoint directory, when loaded from one
         self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
 
@@ -186,9 +186,10 @@ class TTS(S3GenPipeline):
         HEAD: none of that, penalty 1.2, the last token's audio dropped; the default for V3 and any
         other file). ``lora``: a PEFT LoRA adapter directory merged into T3 at load.
 
-        ``backend``: "torch" (default) or "onnxruntime": the checkpoint is exported once to the
-        export cache (``$CHATTERBOX_RT_EXPORTS``, default ``~/.cache/chatterbox-rt/onnx``, keyed by
-        the weights' content hash) and run from there, as ``TTS.from_exported``."""
+        ``backend``: "torch" (default), "onnxruntime" or "tensorrt": the checkpoint is exported once
+        to the export cache (``$CHATTERBOX_RT_EXPORTS``, default ``~/.cache/chatterbox-rt/onnx``,
+        keyed by the weights' content hash) and run from there, as ``TTS.from_exported`` (for
+        "tensorrt" the engines are built once into the engine cache, ``$CHATTERBOX_RT_ENGINES``)."""
         from .checkpoint import check_files, resolve_t3
 
         if backend != "torch":
@@ -226,14 +227,24 @@ class TTS(S3GenPipeline):
         return tts
 
     @classmethod
-    def from_exported(cls, bundle_dir: Union[str, Path], device: str = "cpu", *, threads: Optional[int] = None,
-                      verify: bool = False) -> "TTS":
+    def from_exported(cls, bundle_dir: Union[str, Path], device: Optional[str] = None, *,
+                      threads: Optional[int] = None, verify: bool = False, backend: str = "onnxruntime",
+                      **trt_options) -> "TTS":
         """A bundle written by ``chatterbox-rt export`` (``chatterbox_rt.export.export``), run on
-        onnxruntime: the same API, sampling and Engine as the torch backend. ``verify=True``
-        also checks every file's digest (reads every byte)."""
+        onnxruntime (``device`` default "cpu"): the same API, sampling and Engine as the torch
+        backend. ``verify=True`` also checks every file's digest (reads every byte).
+
+        ``backend="tensorrt"`` (``device`` default "cuda"): T3 and S3Gen's flow (encoder, CFM) as
+        TensorRT engines (built once into the engine cache), the rest (HiFT, the front ends), and
+        any graph whose engine fails to build, on onnxruntime; ``trt_options``: ``trt_components``, ``trt_precision``, ``engine_cache``,
+        ``trt_strict`` (``chatterbox_rt.export.ort_backend.load_exported``). Without TensorRT:
+        ``TensorRTUnavailable`` with the install advice."""
         from .export.ort_backend import load_exported
 
-        return load_exported(bundle_dir, device=str(device), threads=threads, verify=verify)
+        if trt_options and backend != "tensorrt":
+            raise TypeError(f"{sorted(trt_options)} are options of backend='tensorrt'")
+        return load_exported(bundle_dir, device=None if device is None else str(device), threads=threads,
+                             verify=verify, backend=backend, **trt_options)
 
     @classmethod
     def _other_backend(cls, backend: str, threads, device, dtype, loader, *args, **kw) -> "TTS":
@@ -245,14 +256,18 @@ class TTS(S3GenPipeline):
             raise ValueError(f"backend={backend!r} runs the exported graphs' precision; load with dtype=float32 "
                              f"(reduced precision comes from `chatterbox-rt export --precision`)")
         if backend == "tensorrt":
-            from .export.tensorrt import import_tensorrt
+            from .export.tensorrt import EngineError, import_tensorrt
 
-            import_tensorrt()  # the install advice when it is missing
-            raise NotImplementedError("backend='tensorrt' runs engines built by `chatterbox-rt engines build`; "
-                                      "the end-to-end TensorRT pipeline is not wired yet (see export/README.md)")
+            import_tensorrt()  # the install advice when it is missing (checked before the export)
+            if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+                raise EngineError("backend='tensorrt' runs TensorRT engines on a CUDA GPU, and "
+                                  + ("none is visible to torch" if not torch.cuda.is_available()
+                                     else f"device={device!r} is not one") + "; use backend='onnxruntime' there")
         tts = loader(*args, device="cpu", dtype=torch.float32, **kw)
         bundle = cached_export(tts)
         del tts
+        if backend == "tensorrt":
+            return cls.from_exported(bundle, device=str(device or "cuda"), threads=threads, backend="tensorrt")
         return cls.from_exported(bundle, device=str(device or "cpu"), threads=threads)
 
     @classmethod
@@ -261,7 +276,7 @@ class TTS(S3GenPipeline):
         """Seeded random weights at the real shapes, a character-level stand-in tokenizer and a
         random built-in voice: for tests and benchmarks (the audio is noise, the work is real).
         ``t3_overrides`` replace T3Config fields (e.g. a smaller backbone for fast tests).
-        ``backend="onnxruntime"``: exported once to the export cache and run from there."""
+        ``backend="onnxruntime"`` / ``"tensorrt"``: exported once to the export cache and run from there."""
         if backend != "torch":
             return cls._other_backend(backend, threads, device, dtype, cls.from_dummy, variant, seed, **t3_overrides)
         device = device or default_device()
