@@ -181,9 +181,9 @@ def test_s3gen_batches_requests_finishing_together_and_each_matches_its_solo_run
     sizes = []
     real = engine_mod.decode_batch
 
-    def spy(s3gen, items):
+    def spy(s3gen, items, **kw):
         sizes.append(len(items))
-        return real(s3gen, items)
+        return real(s3gen, items, **kw)
 
     monkeypatch.setattr(engine_mod, "decode_batch", spy)
     kw = [dict(seed=50 + i, max_new_tokens=12, stop_on_eos=False) for i in range(3)]
@@ -360,10 +360,10 @@ def test_a_failure_fails_only_its_request(english, monkeypatch):
             raise RuntimeError("injected sampling failure")
         return real_sample(self, logits)
 
-    def decode_batch(s3gen, items):
+    def decode_batch(s3gen, items, **kw):
         if any(u.generator.initial_seed() == 90 for u in items):
             raise RuntimeError("injected S3Gen failure")
-        return real_decode_batch(s3gen, items)
+        return real_decode_batch(s3gen, items, **kw)
 
     monkeypatch.setattr(T3Runner, "prefill", prefill)
     monkeypatch.setattr(T3Request, "sample", sample)
