@@ -1,5 +1,5 @@
 """The onnxruntime backend: a ``TTS`` whose heavy stages run as onnxruntime sessions over an
-exported bundle, with the same Python API, sampling, alignment control, streaming and Engine
+exported bundle, with the same Python API, sampling, alignment control and Engine
 as the torch backend (only the component runners differ).
 
 ``load_exported(dir)`` reads and checks the manifest, then builds ``OrtT3`` (T3's prefill/decode

@@ -163,3 +163,23 @@ def test_streaming_is_refused_clearly_on_onnxruntime(ort):
     with ort.engine(max_batch=1) as eng:
         with pytest.raises(ValueError, match="stream=True needs the torch backend"):
             eng.submit("Hi.", stream=True)
+
+
+def test_backend_onnxruntime_exports_once_into_the_cache(tmp_path, monkeypatch):
+    """TTS.from_dummy/from_local(..., backend="onnxruntime"): exported once into the export cache
+    (keyed by the weights' hash), then loaded from it; the same weights are not exported again."""
+    import chatterbox_rt.export.exporter as exporter
+
+    monkeypatch.setenv("CHATTERBOX_RT_EXPORTS", str(tmp_path / "cache"))
+    calls = []
+    real = exporter.export
+    monkeypatch.setattr(exporter, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    over = smaller_backbone("nano", num_layers=1)
+    a = TTS.from_dummy("nano", seed=0, backend="onnxruntime", threads=1, **over)
+    b = TTS.from_dummy("nano", seed=0, backend="onnxruntime", threads=1, **over)
+    assert a.backend == b.backend == "onnxruntime" and len(calls) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [a.bundle.root.name]
+    kw = dict(seed=2, max_new_tokens=6, stop_on_eos=False, watermark=False, temperature=0.05, top_k=1)
+    assert torch.equal(a.generate("Hi.", **kw), b.generate("Hi.", **kw))
+    with pytest.raises(ValueError, match="dtype=float32"):
+        TTS.from_dummy("nano", backend="onnxruntime", dtype=torch.bfloat16)
