@@ -100,6 +100,14 @@ def _text_files(tts) -> list:
     return [Path(ckpt) / n for n in names[tts.variant] if (Path(ckpt) / n).is_file()]
 
 
+def _data_files(graph: Path) -> list:
+    """The external weight files a graph reads (shared ones included), by name."""
+    import onnx
+
+    m = onnx.load(str(graph), load_external_data=False)
+    return sorted({e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"})
+
+
 def _run_component(name: str, tts, staging: Path, opset: int, n_steps: Optional[int]) -> ComponentExport:
     if name == "t3":
         from .t3_onnx import export_t3
@@ -195,8 +203,9 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
                 names.append(str(rel))
         record_files(manifest, out, names)
         for entry in manifest.data["graphs"].values():
-            entry["bytes"] = sum(rec["bytes"] for n, rec in manifest.data["files"].items()
-                                 if n == entry["file"] or n.startswith(entry["file"]))
+            entry["data_files"] = _data_files(out / entry["file"])
+            entry["bytes"] = sum(manifest.data["files"][n]["bytes"] for n in [entry["file"], *entry["data_files"]]
+                                 if n in manifest.data["files"])
         manifest.write(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
