@@ -6,10 +6,10 @@ Native layout (``export/README.md`` documents the names, which are a contract)::
     t3_prefill.onnx        T3 prompt -> last logits, present keys/values
     t3_decode.onnx         one T3 step: embeds + past keys/values -> logits, presents
     t3.onnx.data           their weights, stored once for both
-    flow_encoder.onnx      speech tokens -> mu (conformer, upsample, projection)
-    cfm_estimator.onnx     the CFM estimator (dynamic batch, length)
-    cfm_loop.onnx          all Euler steps with CFG, the noise an input
-    hift.onnx              mel + source noise -> 24 kHz waveform (exportable iSTFT)
+    s3gen_flow_encoder.onnx      speech tokens -> mu (conformer, upsample, projection)
+    s3gen_cfm_estimator.onnx     the CFM estimator (dynamic batch, length); weights in its .data file
+    s3gen_cfm_loop{N}.onnx       all N Euler steps with CFG, the noise an input (shares the estimator's data)
+    s3gen_hift.onnx              mel + source phase/noise -> 24 kHz waveform (exportable iSTFT)
     voice_encoder.onnx, campplus.onnx, s3_tokenizer.onnx, prompt_mel.onnx   the voice front ends
     extras.safetensors     small tensors used beside the graphs (T3's embeddings, cond encoder)
     voice.pt               the built-in voice (conds.pt layout), when the model has one
