@@ -30,7 +30,7 @@ import torch
 
 from ._onnx import DEFAULT_OPSET, check_opset
 from .manifest import (EXTRAS, LAYOUTS, MANIFEST, PRECISIONS, VOICE, BundleError, Manifest, combined_hash,
-                       new_manifest, record_files, state_hash)
+                       move_into_place, new_manifest, record_files, state_hash)
 from .spec import ComponentExport
 
 log = logging.getLogger(__name__)
@@ -193,15 +193,7 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
                 shutil.copy2(f, staging / TEXT_DIR / f.name)
         manifest.data["text_frontend"] = TEXT_DIR if text_files else "dummy"
         # Move everything into place, then write the manifest: until then the bundle reads as incomplete.
-        names = []
-        for p in sorted(staging.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(staging)
-                dest = out / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                p.replace(dest)
-                names.append(str(rel))
-        record_files(manifest, out, names)
+        record_files(manifest, out, move_into_place(staging, out))
         for entry in manifest.data["graphs"].values():
             entry["data_files"] = _data_files(out / entry["file"])
             entry["bytes"] = sum(manifest.data["files"][n]["bytes"] for n in [entry["file"], *entry["data_files"]]

@@ -206,6 +206,20 @@ def new_manifest(*, variant: str, layout: str, precision: str, opset: int, model
     })
 
 
+def move_into_place(staging: Path, out: Path) -> list:
+    """Every file under ``staging`` moved to the same relative path under ``out`` (rename, same
+    file system); -> their relative names, for ``record_files``."""
+    names = []
+    for p in sorted(Path(staging).rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(staging)
+            dest = Path(out) / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            p.replace(dest)
+            names.append(str(rel))
+    return names
+
+
 def record_files(manifest: Manifest, root: Path, names) -> None:
     for name in names:
         p = Path(root) / name

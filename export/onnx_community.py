@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._onnx import DEFAULT_OPSET, ExportError, check_opset, export_graph, open_session, rel_error, run
-from .manifest import MANIFEST, BundleError, Manifest, combined_hash, new_manifest, record_files
+from .manifest import MANIFEST, BundleError, Manifest, combined_hash, move_into_place, new_manifest, record_files
 from .spec import Dim, GraphSpec, T
 
 log = logging.getLogger(__name__)
@@ -752,15 +752,7 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
             (staging / name).write_text(json.dumps(obj, indent=2) + "\n")
         if default_voice is not None:
             _write_voice(default_voice, staging / DEFAULT_VOICE)
-        names = []
-        for p in sorted(staging.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(staging)
-                dest = out / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                p.replace(dest)
-                names.append(str(rel))
-        record_files(manifest, out, names)
+        record_files(manifest, out, move_into_place(staging, out))
         for name, (spec, check, extra) in checks.items():
             entry = spec.to_json()
             entry["file"] = f"{ONNX_DIR}/{extra.get('file', spec.file)}"

@@ -31,10 +31,8 @@ from ..models.voice_encoder import (
     VoiceEncoderConfig,
     get_frame_step,
     get_num_wins,
-    melspectrogram,
     pack,
-    resample,
-    trim_silence,
+    wav_mels,
 )
 from ._onnx import open_session
 from .frontend_onnx import FRONTEND_GRAPHS, frontends_config
@@ -161,16 +159,8 @@ class OrtVoiceEncoder:
                          batch_size: int = 32, trim_top_db: Optional[float] = 20, **kwargs) -> np.ndarray:
         """``VoiceEncoder.embeds_from_wavs``: waveforms -> ``[B, E]`` utterance embeddings (``[E]`` if
         ``as_spk``); silence trimmed at 20 dB and ``rate=1.3`` unless given, as the reference."""
-        c = self.config
-        wavs = [(w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)).astype(np.float32, copy=False)
-                for w in wavs]
-        if sample_rate != c.sample_rate:
-            wavs = [resample(w, sample_rate, c.sample_rate) for w in wavs]
-        if trim_top_db:
-            wavs = [trim_silence(w, trim_top_db, c)[0] for w in wavs]
-        if "rate" not in kwargs:
-            kwargs["rate"] = c.default_rate
-        mels = [melspectrogram(torch.from_numpy(np.ascontiguousarray(w)), c).T for w in wavs]
+        kwargs.setdefault("rate", self.config.default_rate)
+        mels = wav_mels(wavs, sample_rate, trim_top_db, self.config)
         return self.embeds_from_mels(mels, as_spk=as_spk, batch_size=batch_size, **kwargs)
 
 

@@ -49,11 +49,11 @@ TRT_INSTALL_HINT = (
 
 
 class TensorRTUnavailable(ImportError):
-    pass
+    """TensorRT is not importable here (the message says how to install it)."""
 
 
 class EngineError(RuntimeError):
-    pass
+    """An engine that cannot be built, loaded or run (the message names the graph or file)."""
 
 
 def import_tensorrt():

@@ -261,6 +261,20 @@ def pack(arrays: Sequence, seq_len: int | None = None, pad_value=0) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # The network
 # ----------------------------------------------------------------------------------------------
+def wav_mels(wavs, sample_rate: int, trim_top_db: float | None, config: VoiceEncoderConfig,
+             device=None) -> list[Tensor]:
+    """``embeds_from_wavs``'s signal side (no weights): waveforms as float32 (the reference's LSTM
+    needs float32 mels), resampled to 16 kHz, silence trimmed at ``trim_top_db`` -> mels ``[T, M]``."""
+    c = config
+    wavs = [(w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)).astype(np.float32, copy=False)
+            for w in wavs]
+    if sample_rate != c.sample_rate:
+        wavs = [resample(w, sample_rate, c.sample_rate) for w in wavs]
+    if trim_top_db:
+        wavs = [trim_silence(w, trim_top_db, c)[0] for w in wavs]
+    return [melspectrogram(torch.from_numpy(np.ascontiguousarray(w)).to(device), c).T for w in wavs]
+
+
 class VoiceEncoder(nn.Module):
     """State-dict keys/shapes equal the reference ``VoiceEncoder``'s (``lstm.*``, ``proj.*``,
     ``similarity_weight``, ``similarity_bias``)."""
@@ -351,14 +365,6 @@ class VoiceEncoder(nn.Module):
 
         Waveforms are taken as float32 (the reference needs float32 too: float64 mels fail in its LSTM).
         """
-        c = self.config
-        wavs = [(w.detach().cpu().numpy() if isinstance(w, Tensor) else np.asarray(w)).astype(np.float32, copy=False)
-                for w in wavs]
-        if sample_rate != c.sample_rate:
-            wavs = [resample(w, sample_rate, c.sample_rate) for w in wavs]
-        if trim_top_db:
-            wavs = [trim_silence(w, trim_top_db, c)[0] for w in wavs]
-        if "rate" not in kwargs:
-            kwargs["rate"] = c.default_rate
-        mels = [melspectrogram(torch.from_numpy(np.ascontiguousarray(w)).to(self.device), c).T for w in wavs]
+        kwargs.setdefault("rate", self.config.default_rate)
+        mels = wav_mels(wavs, sample_rate, trim_top_db, self.config, self.device)
         return self.embeds_from_mels(mels, as_spk=as_spk, batch_size=batch_size, **kwargs)
