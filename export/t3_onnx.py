@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..models.t3.backbone import AttentionProbe, KVCache, _probe, _rotate_half
 from ..models.t3.config import BackboneConfig, RopeScaling, SamplingDefaults, T3Config
-from ..models.t3.linear import BlockedLinear, Conv1D
+from ..models.t3.linear import BlockedLinear, Conv1D, Linear
 from ._onnx import DEFAULT_OPSET, ExportError, check_graph, export_graph, random_inputs, rel_error, save_shared
 from .spec import ComponentExport, Dim, GraphCheck, GraphSpec, T, check_size_sets
 
@@ -143,6 +143,8 @@ class _T3Graph(nn.Module):
                 self._dense[id(m)] = name
 
     def _linear(self, m: nn.Module, x: Tensor) -> Tensor:
+        if isinstance(m, (Linear, Conv1D)) and m.packed:
+            m._unpack()  # a oneDNN-packed weight (after a torch forward) back to its dense parameter
         name = self._dense.get(id(m))
         if name is not None:
             w = getattr(self, name)

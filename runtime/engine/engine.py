@@ -40,7 +40,7 @@ from ..models.t3.request import T3Request
 from ..profiling import nvtx
 from .request import CANCELLED, DONE, FAILED, Request
 from .cfm_graphs import CFMGraphs
-from .s3gen_runner import Utterance, decode_batch, group_utterances
+from .s3gen_runner import S3GenWorkspace, Utterance, decode_batch, group_utterances
 from .t3_runner import T3Runner
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,10 @@ class Engine:
     the variant's default ``max_new_tokens`` with a voice prompt and ``DEFAULT_TEXT_BUDGET`` text
     tokens). ``memory_budget`` (bytes) instead sizes ``max_len`` to fit the KV cache in it.
     ``cuda_graphs``: decode steps and the CFM loop as CUDA graphs (default: on for CUDA). ``mode``: the decode
-    mode (``t3_runner``), default invariant for fp32 on a CPU, dense otherwise.
+    mode (``t3_runner``), default invariant for fp32 on a CPU, dense otherwise. ``s3gen_batch``:
+    requests per flow / HiFT call; the flow's input buffers (speech tokens and CFM noise) for that
+    many of the longest utterance the KV slots hold are allocated here too (``stats()`` reports
+    ``kv_cache_bytes`` and ``s3gen_buffer_bytes``).
     """
 
     def __init__(self, tts, *, max_batch: int = 16, max_len: Optional[int] = None,
@@ -130,6 +133,9 @@ class Engine:
         else:
             self._runner = T3Runner(t3, rows, max_len, mode=mode, cuda_graphs=cuda_graphs)
         self.max_len = self._runner.max_len
+        # The batched flow call's input buffers, for the longest request the KV slots can hold
+        # (its speech tokens plus Turbo/Nano's three silence tokens).
+        self._s3_work = S3GenWorkspace(tts.s3gen, self.s3gen_batch, self.max_len + 3)
         # The CFM loop as CUDA graphs per (batch, length bucket) on a GPU (torch backend only).
         decoder = getattr(getattr(tts.s3gen, "flow", None), "decoder", None)
         self._cfm = CFMGraphs(decoder, enabled=cuda_graphs) if decoder is not None and \
@@ -255,13 +261,18 @@ class Engine:
                        slots_in_use=self._runner.slots_in_use if self._runner.cache is not None else 0,
                        slots_total=self._runner.max_rows, max_len=self.max_len, mode=self._runner.mode,
                        group_rows=self._runner.group_rows, decode_tokens=self._decode_tokens,
-                       decode_s=self._decode_s, **self._counts)
+                       decode_s=self._decode_s, kv_cache_bytes=self._runner_cache_bytes(),
+                       s3gen_buffer_bytes=self._s3_work.nbytes, **self._counts)
         if len(window) >= 2:
             dt = window[-1][0] - window[0][0]
             out["tokens_per_s"] = sum(n for _, n in window[1:]) / dt if dt > 0 else 0.0
         else:
             out["tokens_per_s"] = 0.0
         return out
+
+    def _runner_cache_bytes(self) -> int:
+        cache = getattr(self._runner, "cache", None)
+        return int(getattr(cache, "nbytes", 0) or 0) if cache is not None else 0
 
     def close(self, wait: bool = True, timeout: Optional[float] = None) -> None:
         """Stop taking requests; ``wait=True`` finishes those already submitted, ``wait=False``
@@ -519,7 +530,8 @@ class Engine:
             group = [live[i] for i in idx]
             t0 = time.perf_counter()
             try:
-                wavs = decode_batch(self.tts.s3gen, [utts[i] for i in idx], cfm=self._cfm)
+                wavs = decode_batch(self.tts.s3gen, [utts[i] for i in idx], cfm=self._cfm,
+                                    workspace=self._s3_work)
                 outs = list(zip(group, wavs, strict=True))
             except Exception as e:  # noqa: BLE001
                 if len(group) == 1:
@@ -528,7 +540,8 @@ class Engine:
                 outs = []
                 for j, i in zip(group, idx, strict=True):  # isolate the failing request(s)
                     try:
-                        outs.append((j, decode_batch(self.tts.s3gen, [utts[i]], cfm=self._cfm)[0]))
+                        outs.append((j, decode_batch(self.tts.s3gen, [utts[i]], cfm=self._cfm,
+                                                              workspace=self._s3_work)[0]))
                     except Exception as e1:  # noqa: BLE001
                         self._end(j, FAILED, e1)
             ready = None

@@ -55,8 +55,7 @@ def invariant_group_rows(t3: T3, limit: int = INVARIANCE_PROBE_ROWS, seed: int =
     best = limit
     with torch.inference_mode():
         for m in mods:
-            k = m.n_in if isinstance(m, BlockedLinear) else (m.weight.shape[0] if isinstance(m, Conv1D)
-                                                                 else m.in_features)
+            k = m.n_in
             dev, dt = m.weight.device, m.weight.dtype
             row = torch.randn(k, generator=g).to(dev, dt)
             ref = m(torch.stack([row, torch.randn(k, generator=g).to(dev, dt)]))[0]

@@ -200,6 +200,35 @@ def test_s3gen_batches_requests_finishing_together_and_each_matches_its_solo_run
         assert err < 2e-3, err
 
 
+def test_s3gen_workspace_is_allocated_once_and_reused_without_stale_data(english):
+    from chatterbox_rt.engine.s3gen_runner import S3GenWorkspace, Utterance, decode_batch
+
+    ref = english.builtin_voice.gen
+    ws = S3GenWorkspace(english.s3gen, max_batch=2, max_tokens=40)
+    ptrs = (ws.tokens.data_ptr(), ws.noise.data_ptr())
+    assert ws.nbytes == ws.tokens.numel() * 8 + ws.noise.numel() * 4 > 0
+
+    def utts(lengths, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [Utterance(torch.randint(0, 6561, (n,), generator=g), ref, torch.Generator().manual_seed(seed + i), 2)
+                for i, n in enumerate(lengths)]
+
+    for lengths, seed in (((40, 33), 1), ((12,), 2), ((50,), 3)):  # the last one does not fit: own tensors
+        got = decode_batch(english.s3gen, utts(lengths, seed), workspace=ws)
+        want = decode_batch(english.s3gen, utts(lengths, seed))
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    assert (ws.tokens.data_ptr(), ws.noise.data_ptr()) == ptrs
+
+
+def test_engine_sizes_its_buffers_at_construction(nano):
+    with Engine(nano, max_batch=2, max_len=256, s3gen_batch=3) as eng:
+        st = eng.stats()
+        assert st["kv_cache_bytes"] == eng._runner.cache.kv.numel() * 4 > 0
+        assert eng._s3_work.max_batch == 3 and eng._s3_work.max_tokens >= eng.max_len
+        assert st["s3gen_buffer_bytes"] == eng._s3_work.nbytes > 0
+
+
 # ------------------------------------------------------------------------------------------ streaming
 
 

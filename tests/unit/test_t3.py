@@ -260,3 +260,65 @@ def test_layouts_survive_dtype_moves():
     assert layer.to(torch.float64).weight.t().is_contiguous()
     lin = Linear(8, 4)
     assert lin(torch.randn(1, 8)).shape == (1, 4)
+
+
+# ------------------------------------------------------------------------------ CPU decode kernels
+
+@pytest.mark.parametrize("kernel", ["onednn", "wxt", "mkl"])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_decode_kernels_keep_the_checkpoint_layout(monkeypatch, kernel, conv1d):
+    """Both CPU decode kernels give F.linear's result (within rounding) for decode and prefill
+    row counts; with oneDNN the weight is packed on first use and still saved, loaded and moved
+    in the checkpoint layout."""
+    import chatterbox_rt.models.t3.linear as lin_mod
+
+    if kernel == "onednn" and not lin_mod._onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(lin_mod, "_decode_kernel", kernel)
+    torch.manual_seed(0)
+    n_in, n_out = 96, 40
+    w = torch.randn(n_out, n_in) / n_in ** 0.5
+    b = torch.randn(n_out)
+    ckpt_w = w.t().contiguous() if conv1d else w
+    layer = Conv1D(n_in, n_out) if conv1d else Linear(n_in, n_out)
+    layer.load_state_dict({"weight": ckpt_w, "bias": b})
+    with torch.inference_mode():
+        for rows in (1, 2, 7, 40):
+            x = torch.randn(rows, n_in)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert layer.packed == (kernel == "onednn")
+    sd = layer.state_dict()
+    assert sd.keys() == {"weight", "bias"} and torch.equal(sd["weight"], ckpt_w)
+    assert torch.equal(layer.dense_weight(), ckpt_w)
+    # loading into a packed layer, then moving it, goes back through the dense parameter
+    w2 = torch.randn(n_out, n_in)
+    layer.load_state_dict({"weight": w2.t().contiguous() if conv1d else w2, "bias": b})
+    assert not layer.packed
+    with torch.inference_mode():
+        layer(torch.randn(2, n_in))
+    layer64 = layer.to(torch.float64)
+    assert not layer64.packed and layer64.weight.dtype == torch.float64
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    torch.testing.assert_close(layer64(x), torch.nn.functional.linear(x, w2.double(), b.double()))
+    if conv1d:
+        assert layer64.weight.shape == (n_in, n_out) and layer64.weight.t().is_contiguous()
+
+
+def test_decode_kernel_is_not_packed_under_autograd(monkeypatch):
+    import chatterbox_rt.models.t3.linear as lin_mod
+
+    monkeypatch.setattr(lin_mod, "_decode_kernel", "onednn")
+    layer = Linear(16, 8)
+    layer(torch.randn(2, 16)).sum().backward()
+    assert not layer.packed and layer.weight.grad is not None
+
+
+def test_decode_kernel_env_is_checked(monkeypatch):
+    import chatterbox_rt.models.t3.linear as lin_mod
+
+    monkeypatch.setattr(lin_mod, "_decode_kernel", None)
+    monkeypatch.setenv(lin_mod.DECODE_KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="CHATTERBOX_RT_CPU_DECODE='fastest'"):
+        lin_mod.decode_kernel()
+    monkeypatch.setenv(lin_mod.DECODE_KERNEL_ENV, "wxt")
+    assert lin_mod.decode_kernel() == "wxt"

@@ -44,6 +44,10 @@ class KVCache:
     def max_len(self) -> int:
         return self.kv.shape[4]
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (batch <= self.max_batch and length <= self.max_len and self.kv.dtype == dtype
                 and self.kv.device == torch.device(device))
