@@ -158,9 +158,13 @@ def save_shared(models: Mapping[str, object], out_dir: Path, data_name: str) -> 
 # ------------------------------------------------------------------------------ onnxruntime
 
 
-def session_options(threads: Optional[int] = None):
+def session_options(threads: Optional[int] = None, config: Optional[Mapping[str, str]] = None):
+    """onnxruntime session options: all graph optimisations, ``threads`` intra-op threads, and
+    ``config`` session config entries (e.g. ``{"session.disable_prepacking": "1"}``)."""
     ort = require_onnxruntime()
     so = ort.SessionOptions()
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(str(k), str(v))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
@@ -181,9 +185,10 @@ def providers_for(device: str = "cpu") -> list:
 
 
 def open_session(path: Path, *, device: str = "cpu", threads: Optional[int] = None,
-                 session_factory: Optional[Callable] = None):
+                 session_factory: Optional[Callable] = None, config: Optional[Mapping[str, str]] = None):
     """An onnxruntime session over ``path``; ``session_factory(path, device=, threads=)``, when
-    given, opens it instead (the TensorRT backend: ``ort_backend.TrtSessionFactory``)."""
+    given, opens it instead (the TensorRT backend: ``ort_backend.TrtSessionFactory``). ``config``:
+    onnxruntime session config entries (not passed to a ``session_factory``)."""
     if session_factory is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"ONNX graph not found: {path}")
@@ -193,7 +198,7 @@ def open_session(path: Path, *, device: str = "cpu", threads: Optional[int] = No
     if not path.is_file():
         raise FileNotFoundError(f"ONNX graph not found: {path}")
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, config),
                                     providers=providers_for(device))
     except Exception as e:
         raise RuntimeError(f"onnxruntime could not load {path}: {e}") from e

@@ -36,6 +36,11 @@ from .t3_onnx import ALIGNMENT_OUTPUT, DECODE, PREFILL, PREFILL_PROBE_QUERIES, U
 log = logging.getLogger(__name__)
 
 EXTRAS_PREFIX = "t3."
+# The prefill session runs its matrices from the memory-mapped weights file, unpacked: measured on
+# the Intel Xeon VM (2 threads, Turbo at full size, 150-token prompt) this holds 58 MB of anonymous
+# memory instead of 1236 MB, for a prefill of 538 ms instead of 375 ms (decode keeps its packed
+# copy: 61 ms per token packed against 100 unpacked).
+PREFILL_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 class _InOnnx(nn.Module):
@@ -85,8 +90,13 @@ class OrtT3(T3):
         bundle_dir = Path(bundle_dir)
         self.bundle_dir = bundle_dir
         self.ort_device = str(device)
+        # Both graphs read one weights file. onnxruntime memory-maps it, and by default each session
+        # also keeps its own pre-packed copy of every matrix (anonymous memory: twice the weights).
+        # The prefill (once per request, large GEMMs) runs from the mapped file instead, so only the
+        # decode step, which prepacking speeds up most, holds a copy (PREFILL_SESSION_CONFIG).
         self._prefill_sess = open_session(bundle_dir / graphs.get(PREFILL, f"{PREFILL}.onnx"), device=device,
-                                          threads=threads, session_factory=session_factory)
+                                          threads=threads, session_factory=session_factory,
+                                          config=PREFILL_SESSION_CONFIG if str(device) == "cpu" else None)
         self._decode_sess = open_session(bundle_dir / graphs.get(DECODE, f"{DECODE}.onnx"), device=device,
                                          threads=threads, session_factory=session_factory)
         L = config.backbone.num_layers

@@ -169,8 +169,9 @@ def module_mb(*modules) -> float:
         for t in list(m.parameters()) + list(m.buffers()):
             if t.device.type == "meta":
                 continue
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
+            key = ("id", id(t)) if t.is_mkldnn else t.data_ptr()  # a oneDNN-packed weight has no storage
+            if key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total / 2**20
 

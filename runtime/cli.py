@@ -878,6 +878,45 @@ def cmd_voices_remove(args) -> int:
     return 0
 
 
+def _api_key(args) -> Optional[str]:
+    if args.api_key and args.api_key_file:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {e.strerror or e}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key or None
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve.server import serve
+    except ImportError as e:
+        raise ValueError(f"chatterbox-rt serve needs the serve extra: pip install 'chatterbox-rt[serve]' ({e})") \
+            from None
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
+    key = _api_key(args)
+    _model_source(args)
+    library = _library(args) if args.library else None
+    tts = _load_tts(args)
+    engine = tts.engine(max_batch=args.max_batch)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _note(f"serving on {args.host}: reachable from other machines" + ("" if key else " with no API key"))
+    defaults = {"max_new_tokens": DUMMY_MAX_NEW_TOKENS} if args.dummy_weights else {}
+    if args.dummy_weights:
+        _note(f"--dummy-weights: random weights rarely emit end-of-speech, so each request stops after "
+              f"{DUMMY_MAX_NEW_TOKENS} speech tokens unless it sets max_new_tokens")
+    serve(engine, host=args.host, port=args.port, library=library, api_key=key, max_queue=args.max_queue,
+          request_timeout=args.request_timeout, drain_timeout=args.drain_timeout or None,
+          log_level=args.log_level, generate_defaults=defaults)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------
@@ -1024,6 +1063,26 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name", metavar="NAME")
     _library_option(rm)
     rm.set_defaults(func=cmd_voices_remove)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech)",
+                        description="Serve the model over HTTP: OpenAI's /v1/audio/speech (streamed or whole; mp3, "
+                                    "opus, aac, flac, wav, pcm; SSE), /v1/models, /v1/audio/voices, /health, "
+                                    "/ready and /metrics (Prometheus). Binds to 127.0.0.1 unless --host says "
+                                    "otherwise; SIGTERM drains the requests in flight, then exits.")
+    _model_options(sv, t3=True, bundle=True)
+    _library_option(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=16, help="requests the engine runs at once (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting beyond --max-batch before 429 Too Many Requests (default 64)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also --api-key-file)")
+    sv.add_argument("--api-key-file", default=None, metavar="F", help="read the API key from a file")
+    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    sv.add_argument("--drain-timeout", type=float, default=0.0,
+                    help="seconds to wait for requests in flight on SIGTERM (default 0: as long as they take)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
 
     from .profiling.bench import add_arguments
 

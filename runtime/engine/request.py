@@ -18,6 +18,8 @@ from torch import Tensor
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 FINAL_STATUSES = (DONE, CANCELLED, FAILED)
+# aresult / achunks poll the request this often (seconds): first, and at most after backing off.
+ASYNC_POLL_S = (0.002, 0.02)
 
 
 class RequestCancelled(RuntimeError):
@@ -39,6 +41,7 @@ class RequestMetrics:
     first_audio_ms: Optional[float] = None  # submit -> first chunk ready
     total_ms: Optional[float] = None  # submit -> done
     n_tokens: int = 0  # speech tokens drawn
+    n_samples: int = 0  # audio samples emitted (24 kHz)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -126,14 +129,26 @@ class Request:
             yield item
 
     async def aresult(self) -> Tensor:
-        """``result()`` for asyncio: awaits without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.result)
+        """``result()`` for asyncio: awaits without blocking the event loop or holding a thread
+        (the request is polled, every 2 ms at first, backing off to every 20 ms)."""
+        wait = ASYNC_POLL_S[0]
+        while not self._done.is_set():
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, ASYNC_POLL_S[1])
+        return self.result(0)
 
     async def achunks(self):
-        """``chunks()`` for asyncio: ``async for chunk in req.achunks()``."""
-        loop = asyncio.get_running_loop()
+        """``chunks()`` for asyncio: ``async for chunk in req.achunks()``. Polls the chunk queue like
+        ``aresult``, so any number of waiting streams hold no threads."""
+        wait = ASYNC_POLL_S[0]
         while True:
-            item = await loop.run_in_executor(None, self._chunks.get)
+            try:
+                item = self._chunks.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, ASYNC_POLL_S[1])
+                continue
+            wait = ASYNC_POLL_S[0]
             if item is _END:
                 self._chunks.put(_END)
                 self._raise_if_unsuccessful()
@@ -164,6 +179,7 @@ class Request:
         if self.metrics.first_audio_ms is None:
             self.metrics.first_audio_ms = self._ms()
         chunk = chunk.reshape(-1)
+        self.metrics.n_samples += int(chunk.numel())
         self._audio.append(chunk)
         self._chunks.put(chunk)
 

@@ -67,6 +67,15 @@ def test_onnxruntime_backend_matches_torch(nano, ort):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-3
 
 
+def test_t3_weights_are_packed_once(ort):
+    """The prefill session runs from the mapped weights file; only the decode session packs its own
+    copy (onnxruntime would otherwise hold the matrices twice)."""
+    pre, dec = ort.t3._prefill_sess.get_session_options(), ort.t3._decode_sess.get_session_options()
+    assert pre.get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default (on)
+        dec.get_session_config_entry("session.disable_prepacking")
+
+
 def test_engine_runs_on_the_onnxruntime_backend(ort):
     kw = dict(seed=5, max_new_tokens=10, stop_on_eos=False, watermark=False, **NEAR_GREEDY)
     solo = ort.generate("One two.", **kw)

@@ -322,3 +322,21 @@ def test_decode_kernel_env_is_checked(monkeypatch):
         lin_mod.decode_kernel()
     monkeypatch.setenv(lin_mod.DECODE_KERNEL_ENV, "wxt")
     assert lin_mod.decode_kernel() == "wxt"
+
+
+def test_decode_kernel_probe_runs_when_the_first_t3_is_built_on_the_meta_device():
+    """A fresh process whose first T3 is built under ``torch.device("meta")`` (the onnxruntime
+    backend's OrtT3 does) still measures the kernel on real CPU tensors."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "with torch.device('meta'):\n"
+            "    from chatterbox_rt.models.t3.linear import make_linear, decode_kernel\n"
+            "    m = make_linear(4096, 1024)\n"
+            "print(m.weight.device, decode_kernel())\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CHATTERBOX_RT_CPU_DECODE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    dev, kernel = out.stdout.split()
+    assert dev == "meta" and kernel in ("onednn", "wxt")

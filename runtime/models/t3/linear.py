@@ -72,30 +72,32 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _probe_decode_kernel() -> str:
-    """Time oneDNN and ``W @ x.T`` at 2 and 16 rows over T3-sized fp32 matrices (~0.5 s), and
-    check that oneDNN's rows are row-count invariant up to ``DECODE_ROWS_MAX``."""
+    """Time oneDNN (packed weights) and ``W @ x.T`` at 2 and 16 rows over T3-sized fp32 matrices
+    (~0.5 s), and check that oneDNN's rows are row-count invariant up to ``DECODE_ROWS_MAX``."""
     if not _onednn_linear_available():
         return "wxt"
     g = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")  # explicit: the first T3 may be built under `with torch.device("meta")`
     totals = {"onednn": 0.0, "wxt": 0.0}
     for n_out, n_in in _PROBE_SHAPES:
         count = max(2, _PROBE_BYTES // (n_out * n_in * 4))
-        ws = [torch.empty(n_out, n_in).uniform_(-1, 1, generator=g) for _ in range(count)]
-        xs = torch.empty(DECODE_ROWS_MAX, n_in).uniform_(-1, 1, generator=g)
-        ref = _onednn_linear(xs[:2], ws[0], None)
+        ws = [torch.empty(n_out, n_in, device=cpu).uniform_(-1, 1, generator=g) for _ in range(count)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 2) for w in ws]  # as _Packable runs them
+        xs = torch.empty(DECODE_ROWS_MAX, n_in, device=cpu).uniform_(-1, 1, generator=g)
+        ref = _onednn_linear(xs[:2], packed[0], None)
         for rows in range(3, DECODE_ROWS_MAX + 1):
-            if not torch.equal(_onednn_linear(xs[:rows], ws[0], None)[:2], ref):
+            if not torch.equal(_onednn_linear(xs[:rows], packed[0], None)[:2], ref):
                 log.info("oneDNN's linear is not row-count invariant at %d rows here; decode uses W @ x.T", rows)
                 return "wxt"
         for rows in (2, 16):
             x = xs[:rows].contiguous()
-            forms = {"onednn": lambda w: _onednn_linear(x, w, None), "wxt": lambda w: w @ x.t()}
-            for name, fn in forms.items():
-                fn(ws[0])
+            forms = {"onednn": (lambda w: _onednn_linear(x, w, None), packed), "wxt": (lambda w: w @ x.t(), ws)}
+            for name, (fn, mats) in forms.items():
+                fn(mats[0])
                 best = float("inf")
                 for _ in range(3):
                     t0 = time.perf_counter()
-                    for w in ws:
+                    for w in mats:
                         fn(w)
                     best = min(best, time.perf_counter() - t0)
                 totals[name] += best
