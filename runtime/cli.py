@@ -893,24 +893,39 @@ def _api_key(args) -> Optional[str]:
 
 
 def cmd_serve(args) -> int:
+    if not args.ray:
+        ray_only = [opt for opt, value, default in (
+            ("--replicas", args.replicas, 1), ("--gpus-per-replica", args.gpus_per_replica, 0.0),
+            ("--cpus-per-replica", args.cpus_per_replica, None), ("--min-replicas", args.min_replicas, None),
+            ("--max-replicas", args.max_replicas, None),
+            ("--target-ongoing-requests", args.target_ongoing_requests, None)) if value != default]
+        if ray_only:
+            raise ValueError(f"{', '.join(ray_only)} configure a Ray Serve deployment: add --ray")
     try:
-        from .serve.server import serve
+        if args.ray:
+            from .serve.ray import run_ray
+        else:
+            from .serve.server import serve
     except ImportError as e:
-        raise ValueError(f"chatterbox-rt serve needs the serve extra: pip install 'chatterbox-rt[serve]' ({e})") \
-            from None
+        extra = "ray" if args.ray else "serve"
+        raise ValueError(f"chatterbox-rt serve{' --ray' if args.ray else ''} needs the {extra} extra: pip install "
+                         f"'chatterbox-rt[{extra}]' ({e})") from None
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be >= 1 and --max-queue >= 0")
     key = _api_key(args)
     _model_source(args)
-    library = _library(args) if args.library else None
-    tts = _load_tts(args)
-    engine = tts.engine(max_batch=args.max_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         _note(f"serving on {args.host}: reachable from other machines" + ("" if key else " with no API key"))
     defaults = {"max_new_tokens": DUMMY_MAX_NEW_TOKENS} if args.dummy_weights else {}
     if args.dummy_weights:
         _note(f"--dummy-weights: random weights rarely emit end-of-speech, so each request stops after "
               f"{DUMMY_MAX_NEW_TOKENS} speech tokens unless it sets max_new_tokens")
+    if args.ray:
+        # Each replica loads the model itself; the voice library directory is all they share.
+        return run_ray(args, api_key=key, generate_defaults=defaults)
+    library = _library(args) if args.library else None
+    tts = _load_tts(args)
+    engine = tts.engine(max_batch=args.max_batch)
     serve(engine, host=args.host, port=args.port, library=library, api_key=key, max_queue=args.max_queue,
           request_timeout=args.request_timeout, drain_timeout=args.drain_timeout or None,
           log_level=args.log_level, generate_defaults=defaults)
@@ -1082,6 +1097,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-timeout", type=float, default=0.0,
                     help="seconds to wait for requests in flight on SIGTERM (default 0: as long as they take)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    rs = sv.add_argument_group("Ray Serve (--ray)", "Serve through Ray Serve instead: N replicas, each loading "
+                               "the model itself (on the Ray cluster RAY_ADDRESS names, else a new local Ray "
+                               "instance), behind Ray's HTTP proxy on --host/--port; the replicas share only "
+                               "--library. Needs the ray extra.")
+    rs.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
+    rs.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="replicas (default 1; the initial count with --max-replicas)")
+    rs.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                    help="GPUs each replica reserves (fractions share a GPU); above 0 the replicas run on cuda, "
+                         "else on cpu (default 0)")
+    rs.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
+                    help="CPUs each replica reserves, which is also its torch thread count unless --threads "
+                         "(default: Ray's 1)")
+    rs.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                    help="autoscaling: the fewest replicas (default 1; 0 scales to zero when idle)")
+    rs.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                    help="autoscale between --min-replicas and this many replicas")
+    rs.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
+                    help="autoscaling: requests in flight per replica to aim for (default --max-batch)")
     sv.set_defaults(func=cmd_serve)
 
     from .profiling.bench import add_arguments

@@ -50,3 +50,8 @@ class _DrainingServer(_Base):
             log.info("signal %s: draining %d request(s) in flight, then exiting", sig, self._state.inflight)
         self._state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn >= 0.29 re-raises a captured signal once it has shut down, so the process would
+        # die of it (status -15) after a clean drain; a drained server exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()

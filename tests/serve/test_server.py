@@ -333,3 +333,68 @@ def test_models_health_ready_metrics(server, client):
                  "chatterbox_rt_speech_tokens_total", "chatterbox_rt_audio_seconds_total"):
         assert name in text, name
     assert _metric(server.url, "chatterbox_rt_http_requests_total", route="/v1/audio/speech", status="200") >= 1
+
+
+# ------------------------------------------------------------------------------ bounded load
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_load_200_mixed_requests_at_16_way_concurrency(tts):
+    """No good request fails, bad ones get their 400s, no slot or in-flight count leaks, and
+    resident memory stays flat once warm."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = tts.engine(max_batch=8)
+    srv = Running(eng, max_queue=16, generate_defaults=dict(DEFAULTS, max_new_tokens=6, n_steps=1),
+                  voice_aliases={"narrator": "default"})
+    formats = ["pcm", "wav", "mp3", "opus", "flac", "aac"]
+    rng = np.random.default_rng(0)
+
+    def body(i):
+        b = dict(model="m", input=f"Request number {i}.", voice=["default", "alloy", "narrator"][i % 3],
+                 response_format=formats[i % len(formats)], seed=i, stream=bool(i % 2))
+        if i % 7 == 0:
+            b["stream_format"] = "sse"
+        if i % 5 == 0:
+            b["speed"] = 1.25
+        if i % 23 == 0:
+            b["temperature"] = -1.0  # bad: 400
+        return b
+
+    def one(i):
+        b = body(i)
+        with httpx.Client(timeout=600) as c:
+            r = c.post(srv.url + "/v1/audio/speech", json=b)
+            return i, b, r.status_code, len(r.content)
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            warm = list(pool.map(one, range(16)))
+            rss_warm = _rss_mb()
+            rest = list(pool.map(one, range(16, 200)))
+        results = warm + rest
+        rss_end = _rss_mb()
+        bad = [r for r in results if r[1].get("temperature") == -1.0]
+        good = [r for r in results if r[1].get("temperature") != -1.0]
+        assert all(st == 400 for _, _, st, _ in bad), [(i, st) for i, _, st, _ in bad]
+        failed = [(i, st) for i, _, st, _ in good if st != 200]
+        assert not failed, failed
+        assert all(n > 0 for *_, n in good)
+        end = time.monotonic() + 30
+        while (eng.stats()["slots_in_use"] or srv.state.inflight) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert eng.stats()["slots_in_use"] == 0 and srv.state.inflight == 0
+        assert eng.stats()["queued"] == 0 and eng.stats()["running"] == 0
+        assert rss_end - rss_warm < 300, (rss_warm, rss_end)  # MB: flat, allowing allocator slack
+        done = _metric(srv.url, "chatterbox_rt_speech_requests_total", outcome="done")
+        assert done == len(good)
+    finally:
+        srv.stop()
+        eng.close()
