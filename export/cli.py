@@ -12,7 +12,12 @@ dynamic sizes right away, and write manifest.json (names, dtypes, min/opt/max sh
 versions, the error measured). The native layout runs with --bundle DIR / TTS.from_exported on
 onnxruntime and is what `chatterbox-rt engines build` turns into TensorRT engines; --layout
 onnx-community writes the four-graph bundle that existing ONNX clients (chatterbox-onnx,
-transformers.js) read. export/README.md documents both layouts."""
+transformers.js) read. export/README.md documents both layouts.
+
+--triton-repo DIR writes a Triton Inference Server model repository (Python backend, decoupled
+streaming; `tritonserver --model-repository DIR`). Alone it exports nothing and serves --ckpt (or
+--dummy-weights) on torch, streaming chunks as they are made, on the GPU (--device cpu: a CPU
+instance); with --out it serves the bundle just exported, on onnxruntime (one chunk per request)."""
 
 ENGINES_DESCRIPTION = """\
 TensorRT engines from an exported bundle, cached under --cache (default $CHATTERBOX_RT_ENGINES or
@@ -25,7 +30,8 @@ def add_parsers(sub, model_options) -> None:
     e = sub.add_parser("export", help="ONNX graphs of a model, checked against torch, with a manifest",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_options(e, t3=True)
-    e.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    e.add_argument("--out", default=None, metavar="DIR", help="bundle directory to write (required unless "
+                                                              "--triton-repo is given)")
     e.add_argument("--components", default=None, metavar="LIST",
                    help="comma-separated: t3, s3gen (flow encoder, CFM, HiFT), frontends (voice encoder, CAMPPlus, "
                         "S3 tokenizer, prompt mel); default all")
@@ -39,8 +45,12 @@ def add_parsers(sub, model_options) -> None:
     e.add_argument("--default-voice", metavar="CLIP", default=None,
                    help="onnx-community layout: a clip written as default_voice.wav (its clients' voice when given "
                         "none; a checkpoint's conds.pt holds no audio)")
-    e.add_argument("--force", action="store_true", help="write into a directory holding another bundle")
-    e.set_defaults(func=cmd_export)
+    e.add_argument("--triton-repo", default=None, metavar="DIR",
+                   help="also (or, without --out, only) write a Triton Inference Server model repository serving "
+                        "the model (export/README.md)")
+    e.add_argument("--force", action="store_true", help="write into a directory holding another bundle (--triton-repo: "
+                                                        "add the model to a directory that is not ours)")
+    e.set_defaults(func=cmd_export, export_parser=e)
 
     g = sub.add_parser("engines", help="TensorRT engines from an exported bundle: build, list, clean",
                        description=ENGINES_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +80,11 @@ def cmd_export(args) -> int:
     from ._onnx import DEFAULT_OPSET
     from .exporter import export, parse_components
 
+    triton_repo = getattr(args, "triton_repo", None)
+    if args.out is None:
+        if triton_repo is None:
+            args.export_parser.error("the following arguments are required: --out (or --triton-repo)")
+        return _triton_repo_only(args)
     comps = parse_components(args.components)  # before anything loads
     if args.default_voice is not None:
         if args.layout != "onnx-community":
@@ -80,6 +95,13 @@ def cmd_export(args) -> int:
     if args.n_steps is not None and args.n_steps < 1:
         raise ValueError(f"--n-steps must be >= 1, got {args.n_steps}")
     args.backend = "torch"
+    serve_device = args.device
+    if triton_repo is not None:
+        from .triton_repo import check_repo_dir
+
+        args.device = "cpu"  # the repository's --device is the server's, not checked against this machine
+        _check_triton_target(args, serve_device)
+        check_repo_dir(triton_repo, force=args.force)  # before the export, not after it
     _model_source(args)
     if args.device not in ("auto", "cpu"):
         _note("export traces on the CPU; --device is ignored")
@@ -96,7 +118,69 @@ def cmd_export(args) -> int:
         err_s = f"max rel. error {err:.2e} over {chk.get('cases')} size sets" if err is not None else \
             chk.get("skipped", "not checked")
         print(f"  {g['file']:<28} {g.get('bytes', 0) / 1e6:9.1f} MB  {err_s}")
+    if triton_repo is not None:
+        from pathlib import Path
+
+        _write_triton_repo(args, {"bundle": str(Path(args.out).resolve())}, serve_device)
     return 0
+
+
+_ONNX_ONLY = (("components", None, "--components"), ("precision", "fp32", "--precision"), ("opset", None, "--opset"),
+              ("layout", "native", "--layout"), ("n_steps", None, "--n-steps"), ("default_voice", None, "--default-voice"))
+
+
+def _check_triton_target(args, serve_device: str) -> None:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(serve_device)):
+        raise ValueError(f"--device {serve_device!r}: with --triton-repo give the server's device: auto (the "
+                         "default: a GPU instance on each GPU), cpu (a CPU instance), cuda or cuda:N")
+
+
+def _triton_repo_only(args) -> int:
+    """``export --triton-repo DIR`` without --out: a repository that loads --ckpt (or dummy weights)
+    itself; nothing is exported or loaded here."""
+    from pathlib import Path
+
+    from ..cli import DUMMY_MAX_NEW_TOKENS, DUMMY_VARIANT, _model_source, _note
+
+    for attr, default, option in _ONNX_ONLY:
+        if getattr(args, attr) != default:
+            raise ValueError(f"{option} applies to the ONNX export: give --out DIR too (the repository then serves "
+                             f"that bundle)")
+    serve_device = args.device
+    _check_triton_target(args, serve_device)
+    args.device = "cpu"  # the server's device: not checked against this machine
+    _model_source(args)
+    if args.ckpt:
+        model = {"ckpt": str(Path(args.ckpt).resolve()), "variant": args.variant, "t3_file": args.t3_file,
+                 "lora": str(Path(args.lora).resolve()) if args.lora else None, "behaviour": args.behaviour}
+    else:
+        model = {"dummy": True, "variant": args.variant or DUMMY_VARIANT, "seed": args.seed,
+                 "t3_layers": args.t3_layers or None, "behaviour": args.behaviour,
+                 "generate_defaults": {"max_new_tokens": DUMMY_MAX_NEW_TOKENS}}
+        _note(f"--dummy-weights: random weights rarely emit end-of-speech, so each request stops after "
+              f"{DUMMY_MAX_NEW_TOKENS} speech tokens unless it sets max_new_tokens")
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(args.dtype).lower(), str(args.dtype).lower())
+    if dtype != "fp32":
+        model["dtype"] = dtype
+    _write_triton_repo(args, model, serve_device)
+    return 0
+
+
+def _write_triton_repo(args, model: dict, serve_device: str) -> None:
+    from .triton_repo import write_triton_repo
+
+    model = {k: v for k, v in model.items() if v is not None}
+    model["device"] = serve_device
+    if args.threads:
+        model["threads"] = args.threads
+    kind = "KIND_CPU" if serve_device == "cpu" else "KIND_GPU"
+    path = write_triton_repo(args.triton_repo, model=model, instance_kind=kind, force=args.force)
+    what = f"bundle {model['bundle']}" if "bundle" in model else \
+        (f"checkpoint {model['ckpt']}" if "ckpt" in model else f"dummy {model['variant']} weights")
+    print(f"wrote the Triton model {path.name!r} ({what}, {kind}) to {path.parent}; run: tritonserver "
+          f"--model-repository {path.parent}")
 
 
 def _device_or_none():

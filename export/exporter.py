@@ -21,6 +21,7 @@ differs by more than its tolerance fails the export (nothing is left that looks 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..audio_out import _umask
 from ._onnx import DEFAULT_OPSET, check_opset
 from .manifest import (EXTRAS, LAYOUTS, MANIFEST, PRECISIONS, VOICE, BundleError, Manifest, combined_hash,
                        move_into_place, new_manifest, record_files, state_hash)
@@ -184,6 +186,9 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(staging / EXTRAS))
+            # safetensors creates its file 0600; a bundle's files get the mode the umask gives the rest,
+            # so a bundle one user exports can be read by another (a service account)
+            os.chmod(staging / EXTRAS, 0o666 & ~_umask())
         if tts.builtin_voice is not None:
             tts.builtin_voice.save(staging / VOICE)
         text_files = _text_files(tts)

@@ -100,6 +100,7 @@ INPUTS = (
 OUTPUTS = (("audio", "TYPE_FP32", (-1,)), ("sample_rate", "TYPE_INT32", (1,)))
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_STAGING = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9_.-]*\.[^/]*\.(tmp|old)")  # ours, left by an interrupted write
 _SOURCES = ("ckpt", "bundle", "dummy")
 _MODEL_KEYS = frozenset(_SOURCES + ("variant", "device", "dtype", "backend", "threads", "library", "t3_file", "lora",
                                     "behaviour", "seed", "t3_layers", "generate_defaults", "engine"))
@@ -118,7 +119,6 @@ Written by chatterbox-rt {version} (`chatterbox-rt export --triton-repo`). The m
 described in {spec} next to this file; the serving code is
 chatterbox_rt.export.triton_repo.TritonModel (its docstring has the input/output contract).
 """
-import numpy as np  # noqa: F401 - the backend's array type (chatterbox_rt converts the tensors)
 import triton_python_backend_utils as pb_utils
 
 from chatterbox_rt.export.triton_repo import TritonModel
@@ -316,6 +316,29 @@ def _is_our_model_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
+def check_repo_dir(out_dir: Union[str, os.PathLike], model_name: str = "chatterbox", *, force: bool = False) -> Path:
+    """``out_dir`` as a Path if :func:`write_triton_repo` may write ``model_name`` there (see
+    there), else TritonRepoError saying why. Reads only."""
+    if not isinstance(model_name, str) or not _NAME.fullmatch(model_name) or model_name in (".", ".."):
+        raise TritonRepoError(f"model_name must be 1-128 letters, digits, '_', '.' or '-' (not starting with '.' "
+                              f"or '-'), got {model_name!r}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TritonRepoError(f"{out} is a file, not a directory: give --triton-repo a directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    foreign = [e.name for e in entries if not (e.is_dir() and (_is_our_model_dir(e) or _STAGING.fullmatch(e.name)))]
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise TritonRepoError(f"{out} is not empty and is not a Chatterbox model repository written by chatterbox-rt "
+                              f"(it holds {shown}); give an empty or new directory, or force=True (CLI: --force) to "
+                              f"add the model {model_name!r} to it (nothing else there is removed)")
+    target = out / model_name
+    if (target.exists() or target.is_symlink()) and not (target.is_dir() and _is_our_model_dir(target)):
+        raise TritonRepoError(f"{target} exists and is not a Chatterbox model written by chatterbox-rt: it is never "
+                              f"replaced (not even with force); remove it, or choose another model_name")
+    return out
+
+
 def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_name: str = "chatterbox",
                       max_batch: int = 16, instance_kind: str = "KIND_GPU", instance_count: int = 1,
                       execution_env: Optional[str] = None, force: bool = False) -> Path:
@@ -333,9 +356,6 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
     Returns the model's directory."""
     from .. import __version__
 
-    if not isinstance(model_name, str) or not _NAME.fullmatch(model_name) or model_name in (".", ".."):
-        raise TritonRepoError(f"model_name must be 1-128 letters, digits, '_', '.' or '-' (not starting with '.' "
-                              f"or '-'), got {model_name!r}")
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise TritonRepoError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if instance_kind not in INSTANCE_KINDS:
@@ -350,25 +370,18 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
     if spec_model["device"] == "cpu" and instance_kind == "KIND_GPU":
         raise TritonRepoError("model['device'] is cpu but instance_kind is KIND_GPU: use instance_kind='KIND_CPU'")
 
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise TritonRepoError(f"{out} is a file, not a directory: give --triton-repo a directory")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
-    foreign = [e.name for e in entries if not (e.is_dir() and _is_our_model_dir(e))]
-    if foreign and not force:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise TritonRepoError(f"{out} is not empty and is not a Chatterbox model repository written by chatterbox-rt "
-                              f"(it holds {shown}); give an empty or new directory, or force=True (CLI: --force) to "
-                              f"add the model {model_name!r} to it (nothing else there is removed)")
+    out = check_repo_dir(out_dir, model_name, force=force)
     target = out / model_name
-    if target.exists() and not (target.is_dir() and _is_our_model_dir(target)) and not force:
-        raise TritonRepoError(f"{target} exists and is not a Chatterbox model written by chatterbox-rt")
 
     spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "chatterbox_rt": __version__,
             "model_name": model_name, "max_batch": max_batch, "instance_kind": instance_kind, "model": spec_model}
     out.mkdir(parents=True, exist_ok=True)
-    # Staged beside the target and moved into place: a reader never sees half a model.
-    stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.", suffix=".tmp", dir=out))
+    # Staged outside the repository where it can be (a Triton polling it must not see a half-written
+    # or temporary model), on the same file system, and moved into place.
+    tmp_root = out.resolve().parent
+    if tmp_root.stat().st_dev != out.stat().st_dev or not os.access(tmp_root, os.W_OK):
+        tmp_root = out
+    stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.", suffix=".tmp", dir=tmp_root))
     try:
         (stage / VERSION_DIR).mkdir()
         (stage / VERSION_DIR / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
@@ -380,14 +393,12 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
         for p in (stage, stage / VERSION_DIR):
             p.chmod(0o755 & ~_umask())
         old = None
-        if target.exists() or target.is_symlink():
-            old = out / f".{model_name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
+        if target.exists():
+            old = stage.with_name(stage.name[:-len(".tmp")] + ".old")
             os.replace(target, old)
         os.replace(stage, target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -523,7 +534,6 @@ class TritonModel:
                           + ("" if self.streaming else f"; {self.tts.backend} cannot stream: one chunk per request"))
 
     def execute(self, requests):
-        pb = self._pb()
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -543,8 +553,7 @@ class TritonModel:
                 self._send_error(sender, "the model is being unloaded", "UNAVAILABLE")
                 continue
             stream.thread.start()
-        del pb
-        return None  # decoupled: the responses go through each request's sender
+        # Decoupled: nothing to return; the responses go through each request's sender.
 
     def finalize(self) -> None:
         with self._lock:
@@ -572,7 +581,7 @@ class TritonModel:
         job: dict[str, Any] = {"text": text, "kw": dict(self.generate_defaults)}
         job["voice"] = self._input(request, "voice", str)
         language = self._input(request, "language", str)
-        job["language"] = language.strip() or None if language is not None else None
+        job["language"] = (language.strip() or None) if language is not None else None
         seed = self._input(request, "seed", int)
         job["seed"] = seed
         for name in ("temperature", "exaggeration", "cfg_weight"):
@@ -736,7 +745,7 @@ class TritonModel:
     def _pb(self):
         pb = type(self).pb_utils
         if pb is None:
-            import triton_python_backend_utils as pb  # noqa: F811 - only inside Triton's Python backend
+            import triton_python_backend_utils as pb  # only inside Triton's Python backend
 
             type(self).pb_utils = pb
         return pb

@@ -257,7 +257,7 @@ def build_deployment(model: Mapping[str, Any], *, replicas: int = 1, gpus_per_re
     library = kw.get("library")
     if library is not None:
         # Every replica opens the same directory itself: a path, never a VoiceLibrary object.
-        root = getattr(library, "root", library)
+        root = library if isinstance(library, (str, os.PathLike)) else library.root
         kw["library"] = str(Path(root).expanduser().resolve())
     max_queue = int(kw.get("max_queue", DEFAULT_MAX_QUEUE))
     request_timeout = float(kw.get("request_timeout", DEFAULT_TIMEOUT_S))

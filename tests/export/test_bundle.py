@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from chatterbox_rt import TTS
+from chatterbox_rt.audio_out import _umask
 from chatterbox_rt.export import BundleError, Manifest, export
 from chatterbox_rt.models.t3.config import smaller_backbone
 
@@ -51,6 +52,7 @@ def test_manifest_records_every_graph(nano):
         assert g["weights_hash"] and g["opset"] == 17 and g["precision"] == "fp32"
     for name, rec in data["files"].items():
         assert (out / name).stat().st_size == rec["bytes"]
+        assert (out / name).stat().st_mode & 0o044 == 0o044 & ~_umask(), name  # readable as the umask allows
     assert Manifest.read(out, verify=True).model_hash == m.model_hash
 
 
