@@ -19,7 +19,10 @@ from .t3_onnx import _check_cases as t3_check_cases
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = {8: 32, 4: 32}
+# Weights per scale. int8 at 128: T3 decode ~15 % faster than at 32 (Turbo, Intel Xeon VM, 2 threads:
+# 25.3 against 29.4 ms per step, fp32 69.8) for a logits error of 2.6e-2 against 2.1e-2 (random
+# weights); int4 keeps 32, where its error is already 1e-1.
+BLOCK_SIZE = {8: 128, 4: 32}
 ACCURACY_LEVEL = 4  # int8 compute inside MatMulNBits where the CPU supports it
 
 

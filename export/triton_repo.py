@@ -256,7 +256,7 @@ def check_model_spec(model: dict) -> dict:
     if source == "ckpt" and "t3_file" not in out:  # every missing file named now, not at the server's load
         from ..checkpoint import check_files, detect_variant
 
-        check_files(out["ckpt"], canonical_variant(out.get("variant") or detect_variant(out["ckpt"])))
+        check_files(out["ckpt"], out.get("variant") or detect_variant(out["ckpt"]))
     if source == "bundle":
         from .manifest import Manifest
 
@@ -640,6 +640,9 @@ class TritonModel:
 
         sender = stream.sender
         try:
+            if self._is_cancelled(stream):  # before it was even submitted
+                self._send_error(sender, "the request was cancelled", "CANCELLED")
+                return
             try:
                 voice = self._voice(job["voice"])
                 req = self.engine.submit(job["text"], voice, seed=job["seed"], language_id=job["language"],

@@ -27,6 +27,7 @@ sf = pytest.importorskip("soundfile")
 
 from chatterbox_rt import cli  # noqa: E402
 from chatterbox_rt.serve.ray import REPLICA_HEADER, build_deployment, check_model  # noqa: E402
+from chatterbox_rt.voices import VoiceLibrary  # noqa: E402
 
 SR = 24000
 TOKENS = 10  # speech tokens per request (dummy weights rarely stop by themselves)
@@ -44,14 +45,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def library(tmp_path_factory):
+    return tmp_path_factory.mktemp("voices")
+
+
+@pytest.fixture(scope="module")
+def url(library):
     # Two CPUs: one per replica (Ray's default per replica), its controller and proxy take none.
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False,
              configure_logging=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        library = tmp_path_factory.mktemp("voices")
         serve.run(build_deployment(NANO, replicas=2, max_batch=2,
                                    app_kw=dict(library=library, max_queue=4, generate_defaults=DEFAULTS)),
                   name=APP, route_prefix="/")
@@ -119,10 +124,11 @@ def test_sse_passes_through_the_proxy(url):
     _check_audio(_pcm(audio))
 
 
-def test_a_voice_uploaded_on_one_replica_speaks_on_the_other(url):
+def test_a_voice_uploaded_on_one_replica_speaks_on_the_other(url, library):
     files = {"file": ("clip.wav", CLIP.read_bytes(), "audio/wav")}
     r = httpx.post(url + "/v1/audio/voices", data={"name": "narrator"}, files=files, timeout=120)
     assert r.status_code == 201, r.text
+    assert (library / "narrator.json").is_file() and (library / "narrator.pt").is_file()
     made_on = r.headers[REPLICA_HEADER]
     body = dict(model="m", voice="narrator", input="My voice.", response_format="pcm", stream=False)
     for _ in range(30):
@@ -153,7 +159,8 @@ def test_bad_deployment_options_are_clear_errors(kw, match):
         build_deployment(NANO, **kw)
 
 
-def test_the_device_follows_the_gpus_and_the_engine_sets_ray_s_limits(monkeypatch):
+def test_the_device_follows_the_gpus_and_the_engine_sets_ray_s_limits(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="needs gpus_per_replica > 0"):
         build_deployment(dict(NANO, device="cuda"))
     with pytest.raises(ValueError, match="would not use"):
@@ -174,9 +181,13 @@ def test_the_device_follows_the_gpus_and_the_engine_sets_ray_s_limits(monkeypatc
     assert "num_replicas" not in made
     assert made["max_ongoing_requests"] == 16 + 64  # what one replica's app admits: max_batch + max_queue
     assert made["graceful_shutdown_timeout_s"] == 600.0  # no request outlives the request timeout
-    build_deployment(NANO, replicas=3, cpus_per_replica=2, app_kw={"library": ".", "max_queue": 0})
+    build_deployment(NANO, replicas=3, cpus_per_replica=2, app_kw={"library": "voices", "max_queue": 0})
     assert made["num_replicas"] == 3 and made["ray_actor_options"] == {"num_gpus": 0.0, "num_cpus": 2.0}
-    assert made["max_ongoing_requests"] == 16 and made["args"][2]["library"] == str(Path(".").resolve())
+    assert made["max_ongoing_requests"] == 16
+    # the library reaches every replica as one absolute directory, whichever way it was given
+    for given in ("voices", Path("voices"), VoiceLibrary("voices")):
+        build_deployment(NANO, app_kw={"library": given})
+        assert made["args"][2]["library"] == str(tmp_path / "voices")
 
 
 @pytest.mark.parametrize("model, match", [
