@@ -385,10 +385,11 @@ def run_ray(args, *, api_key: Optional[str] = None, generate_defaults: Optional[
         _wait_for_signal()
         print("chatterbox-rt: stopping: the replicas finish their requests in flight, then exit", file=sys.stderr,
               flush=True)
+        # Deleting the application first drains it behind a proxy that is still up (serve.shutdown
+        # alone stops the proxies at once, cutting the responses they are relaying).
+        serve.delete(DEFAULT_NAME)
         if address is None:
             serve.shutdown()
-        else:
-            serve.delete(DEFAULT_NAME)
     finally:
         if address is None:
             ray.shutdown()

@@ -398,3 +398,42 @@ def test_load_200_mixed_requests_at_16_way_concurrency(tts):
     finally:
         srv.stop()
         eng.close()
+
+
+def test_a_server_error_is_500_in_openai_shape_without_a_traceback(server, engine, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("secret internal detail /home/user/path.py line 12")
+
+    monkeypatch.setattr(engine, "submit", broken)
+    r = httpx.post(server.url + "/v1/audio/speech", json=dict(model="m", voice="default", input="hi"))
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["message"].startswith("internal server error (id ")
+    assert "secret" not in r.text and "Traceback" not in r.text and "path.py" not in r.text
+    assert server.state.inflight == 0
+
+
+def test_a_request_that_fails_mid_stream_ends_its_sse_with_an_error_event(server, engine, monkeypatch):
+    import chatterbox_rt.engine.engine as engine_mod
+
+    def decode_batch(*a, **k):
+        raise RuntimeError("injected S3Gen failure")
+
+    real = engine.submit
+
+    def submit(*a, **k):  # a whole (non-streamed engine) request whose S3Gen fails
+        k["stream"] = False
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod, "decode_batch", decode_batch)
+    monkeypatch.setattr(engine, "submit", submit)
+    r = httpx.post(server.url + "/v1/audio/speech", json=dict(model="m", voice="default", input="hi", stream=False))
+    assert r.status_code == 500 and "injected" not in r.text
+    events = []
+    with httpx.stream("POST", server.url + "/v1/audio/speech",
+                      json=dict(model="m", voice="default", input="hi", stream_format="sse"), timeout=300) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events and events[-1]["type"] == "error" and "injected" not in json.dumps(events)
+    assert server.state.inflight == 0
