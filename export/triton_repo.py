@@ -68,8 +68,8 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -381,7 +381,8 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
     tmp_root = out.resolve().parent
     if tmp_root.stat().st_dev != out.stat().st_dev or not os.access(tmp_root, os.W_OK):
         tmp_root = out
-    stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.", suffix=".tmp", dir=tmp_root))
+    stage = tmp_root / f".{model_name}.{uuid.uuid4().hex[:12]}.tmp"
+    stage.mkdir()  # the usual mode of a directory the user makes (0777 & ~umask), unlike mkdtemp's 0700
     try:
         (stage / VERSION_DIR).mkdir()
         (stage / VERSION_DIR / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
@@ -390,8 +391,6 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
         (stage / CONFIG_FILE).write_text(config_pbtxt(model_name, instance_kind=instance_kind,
                                                       instance_count=instance_count, execution_env=execution_env,
                                                       version=__version__), encoding="utf-8")
-        for p in (stage, stage / VERSION_DIR):
-            p.chmod(0o755 & ~_umask())
         old = None
         if target.exists():
             old = stage.with_name(stage.name[:-len(".tmp")] + ".old")
@@ -403,12 +402,6 @@ def write_triton_repo(out_dir: Union[str, os.PathLike], *, model: dict, model_na
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,6 +534,9 @@ class TritonModel:
             except BadInput as e:
                 self._send_error(sender, _message(e), "INVALID_ARG")
                 continue
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self._send_error(sender, _message(e), "INTERNAL")
+                continue
             stream = _Stream(request, sender)
             stream.thread = threading.Thread(target=self._serve, args=(stream, job), daemon=True,
                                              name="chatterbox-triton-request")
@@ -556,6 +552,8 @@ class TritonModel:
         # Decoupled: nothing to return; the responses go through each request's sender.
 
     def finalize(self) -> None:
+        if not hasattr(self, "_lock"):  # initialize did not get that far
+            return
         with self._lock:
             self._closing = True
             streams = list(self._streams.values())
@@ -688,17 +686,18 @@ class TritonModel:
     def _is_cancelled(self, stream: _Stream) -> bool:
         if stream.cancelled_by_client:
             return True
-        for obj in (stream.sender, stream.request):
-            check = getattr(obj, "is_cancelled", None)
-            if check is None:
-                continue
-            try:
-                if check():
-                    stream.cancelled_by_client = True
-                    return True
-            except Exception:  # noqa: BLE001 - a request Triton has already released
-                return False
-        return False
+        # The sender's is_cancelled (Triton >= 23.10) is meant for use after execute has returned; the
+        # request's is the fallback.
+        check = getattr(stream.sender, "is_cancelled", None) or getattr(stream.request, "is_cancelled", None)
+        if check is None:
+            return False
+        try:
+            cancelled = bool(check())
+        except Exception:  # noqa: BLE001 - a request Triton has already released
+            return False
+        if cancelled:
+            stream.cancelled_by_client = True
+        return cancelled
 
     def _watch_cancellations(self) -> None:
         """Cancel the engine request of every Triton request its client cancelled, also while it waits

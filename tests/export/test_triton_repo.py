@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -299,8 +300,14 @@ class _Sender:
         return [r.error() for r, _ in self.records if r is not None and r.has_error()]
 
 
+class _OldSender(_Sender):
+    """A response sender without is_cancelled (Triton before 23.10): only the request says."""
+
+    is_cancelled = property()  # getattr(sender, "is_cancelled", None) -> None
+
+
 class _Request:
-    def __init__(self, cancel_after=None, cancelled=False, **inputs):
+    def __init__(self, cancel_after=None, cancelled=False, old_sender=False, **inputs):
         self.cancelled = cancelled
         self.inputs = {}
         for name, value in inputs.items():
@@ -313,7 +320,7 @@ class _Request:
             else:
                 arr = np.array([value], np.int32 if name == "max_new_tokens" else np.int64)
             self.inputs[name] = _Tensor(name, arr)
-        self.sender = _Sender(self, cancel_after)
+        self.sender = (_OldSender if old_sender else _Sender)(self, cancel_after)
         self.senders_given = 0
 
     def get_response_sender(self):
@@ -425,18 +432,21 @@ def test_two_concurrent_streams_give_the_engines_audio(served, reference):
 
 def test_cancelled_requests_stop_early_with_a_final_flag(served):
     long = _Request(text="A long one that the client gives up on.", seed=3, max_new_tokens=200, cancel_after=1)
+    old = _Request(text="Another, seen through request.is_cancelled.", max_new_tokens=200, cancel_after=1,
+                   old_sender=True)
     early = _Request(text="Cancelled before it starts.", cancelled=True)
-    served.execute([long, early])
-    for req in (long, early):
+    served.execute([long, old, early])
+    for req in (long, old, early):
         s = req.sender.wait()
         assert not s.violations and s.records[-1][1] == FINAL
         (err,) = s.errors()
         assert err.code() == _TritonError.CANCELLED and "cancelled" in err.message()
-    n = sum(c.size for c in long.sender.audio())
-    assert 0 < n < 200 * 960  # stopped long before its 200 tokens
+    for req in (long, old):
+        n = sum(c.size for c in req.sender.audio())
+        assert 0 < n < 200 * 960  # stopped long before its 200 tokens
     assert early.sender.audio() == []
     _wait_for(lambda: served.engine.stats()["running"] == 0)
-    assert served.engine.stats()["cancelled"] >= 1 and served.engine.stats()["slots_in_use"] == 0
+    assert served.engine.stats()["cancelled"] >= 2 and served.engine.stats()["slots_in_use"] == 0
 
 
 @pytest.mark.parametrize("inputs, code, match", [
@@ -458,11 +468,10 @@ def test_bad_input_is_a_triton_error_flagged_final(served, inputs, code, match):
     assert served.execute([req]) is None
     s = req.sender.wait()
     assert len(s.records) == 1 and not s.violations and s.audio() == []
-    response, flags = s.records[0]
-    assert flags == FINAL
+    assert s.records[0][1] == FINAL
     (err,) = s.errors()
     assert err.code() == getattr(_TritonError, code)
-    assert __import__("re").search(match, err.message()), err.message()
+    assert re.search(match, err.message()), err.message()
     assert "Traceback" not in err.message() and "\n" not in err.message()
 
 
@@ -541,3 +550,21 @@ def test_cli_refuses_a_foreign_directory_and_onnx_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--dummy-weights"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_cli_with_out_serves_the_fresh_bundle(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    args = ["export", "--dummy-weights", "--variant", "nano", "--t3-layers", "1", "--components", "t3"]
+    assert main([*args, "--out", str(tmp_path / "b0"), "--triton-repo", str(foreign)]) == 2
+    assert "not a Chatterbox model repository" in capsys.readouterr().err
+    assert not (tmp_path / "b0").exists()  # refused before anything was exported
+    bundle, repo = tmp_path / "bundle", tmp_path / "repo"
+    assert main([*args, "--out", str(bundle), "--triton-repo", str(repo), "--device", "cpu"]) == 0
+    assert (bundle / "manifest.json").is_file()
+    spec = read_spec(repo / "chatterbox" / "1")
+    assert spec["model"] == {"bundle": str(bundle.resolve()), "device": "cpu", "backend": "onnxruntime"}
+    assert spec["instance_kind"] == "KIND_CPU"
+    assert [g.kind for g in parse_config(repo / "chatterbox" / "config.pbtxt").instance_group] == [2]
