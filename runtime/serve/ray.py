@@ -29,15 +29,23 @@ system mounted at the same path on each. Everything else is per replica: the mod
 and its KV cache, the request queue and its limits (``max_batch + max_queue`` in flight), the
 warm-up and ``/ready``, the Prometheus registry.
 
+Start-up and shutdown: a replica answers one warm-up request before Ray routes it any, so
+``serve.run`` returns (and autoscaling adds replicas) warm; Ray's ingress runs the app's lifespan
+(ready at start, then at shutdown not ready and the engine closed). Stopping a replica (scaling
+down, ``serve.delete``) is Ray Serve's graceful shutdown: no new requests, the ones in flight run
+to the end for at most ``drain_timeout`` seconds, then the lifespan's shutdown.
+
+Devices: ``gpus_per_replica > 0`` reserves that many GPUs per replica (fractions share one) and
+each replica then runs on ``cuda`` (the GPUs Ray gives it); otherwise on ``cpu``, with
+``cpus_per_replica`` CPUs (Ray's default 1), which Ray also makes torch's thread count unless the
+model spec sets ``threads``.
+
 Limits: ``/metrics``, ``/ready`` and ``/health`` answer for whichever replica Ray routes the
-request to (the ``x-chatterbox-replica`` response header names it), so scrape each replica's
-numbers through Ray's own metrics or aggregate them; the deployment's status is
-``serve.status()`` (or ``serve status``). Ray admits at most ``max_batch + max_queue`` requests
-per replica (``max_ongoing_requests``) and holds the rest in its proxy's queue rather than
-answering 429. ``gpus_per_replica > 0`` reserves that many GPUs per replica (fractions share
-one) and each replica then runs on ``cuda`` (the GPUs Ray gives it); otherwise on ``cpu``, with
-``cpus_per_replica`` CPUs (Ray's default 1), which Ray also makes torch's thread count unless
-the model spec sets ``threads``.
+request to (the ``x-chatterbox-replica`` response header names it): a scrape through the proxy
+sees one replica's registry, so use Ray Serve's own metrics for the deployment as a whole, and
+``serve.status()`` (``serve status``) for its replicas. Ray admits at most ``max_batch +
+max_queue`` requests to a replica (``max_ongoing_requests``) and holds the rest in its proxy's
+queue, unbounded, rather than answering 429.
 """
 from __future__ import annotations
 
@@ -68,7 +76,8 @@ MODEL_SOURCES = ("ckpt", "dummy", "bundle")
 MODEL_OPTIONS = ("variant", "seed", "t3_layers", "t3_file", "lora", "behaviour", "device", "dtype", "threads",
                  "backend")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16"}  # a spec's dtype -> the torch dtype's name
 DUMMY_VARIANT = "chatterbox"
 # create_app keywords each replica sets itself: warm-up before admission, a registry per replica,
 # the engine closed with the replica.
@@ -141,12 +150,13 @@ def load_tts(model: Mapping[str, Any]):
 
     spec = check_model(model)
     device, backend, threads = spec.get("device"), spec["backend"], spec.get("threads") or None
+    if device == "auto":
+        device = None  # the library's choice: cuda where there is one
     if threads:
         torch.set_num_threads(threads)
     if "bundle" in spec:
         return TTS.from_exported(spec["bundle"], device=device, threads=threads, backend=backend)
-    dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}[str(spec.get("dtype", "fp32")).lower()]
+    dtype = getattr(torch, DTYPES[str(spec.get("dtype", "fp32")).lower()])
     if "ckpt" in spec:
         return TTS.from_local(spec["ckpt"], variant=spec.get("variant"), device=device, dtype=dtype,
                               t3_file=spec.get("t3_file"), lora=spec.get("lora"), behaviour=spec.get("behaviour"),
@@ -355,11 +365,12 @@ def run_ray(args, *, api_key: Optional[str] = None, generate_defaults: Optional[
     """``chatterbox-rt serve --ray``: deploy on Ray (the cluster ``RAY_ADDRESS`` names, else a new
     local instance), print the URL, serve until SIGTERM / SIGINT.
 
-    On the signal the application is deleted: Ray's proxy stops routing to its replicas, each
-    replica waits for its requests in flight (at most ``--drain-timeout`` seconds, default
-    ``--request-timeout``), then runs the app's shutdown (not ready, engine closed) and exits.
-    Serve and Ray themselves are shut down too when this command started them; on an existing
-    cluster they keep running for its other applications. A second signal stops at once."""
+    On the signal the application is deleted (Ray Serve's graceful shutdown of its replicas): the
+    proxy stops routing to it (a new request gets Ray's 404), each replica waits for its requests
+    in flight, the proxy relaying their responses to the end (at most ``--drain-timeout`` seconds,
+    default ``--request-timeout``), then runs the app's shutdown (not ready, engine closed) and
+    exits. Serve and Ray themselves are shut down after that when this command started them; on an
+    existing cluster they keep running for its other applications. A second signal stops at once."""
     import ray
 
     check_args(args)
@@ -374,8 +385,10 @@ def run_ray(args, *, api_key: Optional[str] = None, generate_defaults: Optional[
                            cpus_per_replica=args.cpus_per_replica, autoscaling=autoscaling,
                            max_batch=args.max_batch, app_kw=app_kw, drain_timeout=args.drain_timeout or None)
 
+    # RAY_ADDRESS (e.g. "auto" for the cluster `ray start` made here): join it; else a Ray instance of
+    # our own, even where another runs on this machine, so that stopping never touches someone else's.
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address)
+    ray.init(address=address or "local")
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=DEFAULT_NAME, route_prefix="/", logging_config={"log_level": args.log_level.upper()})

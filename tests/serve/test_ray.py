@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,8 +51,8 @@ def library(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(library):
     # Two CPUs: one per replica (Ray's default per replica), its controller and proxy take none.
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 << 20,
+             log_to_driver=False, configure_logging=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
