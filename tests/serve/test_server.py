@@ -437,3 +437,53 @@ def test_a_request_that_fails_mid_stream_ends_its_sse_with_an_error_event(server
                 events.append(json.loads(line[6:]))
     assert events and events[-1]["type"] == "error" and "injected" not in json.dumps(events)
     assert server.state.inflight == 0
+
+
+def test_not_ready_and_timeout_and_upload_limit(engine, tmp_path, monkeypatch):
+    from chatterbox_rt.serve import app as app_mod
+
+    gate = threading.Event()
+    real_warm_up = app_mod.ServerState.warm_up
+
+    def slow_warm_up(self):
+        gate.wait(120)
+        real_warm_up(self)
+
+    monkeypatch.setattr(app_mod.ServerState, "warm_up", slow_warm_up)
+    srv = Running.__new__(Running)  # started by hand: Running() waits for /ready
+    srv.port = _free_port()
+    srv.server = make_server(engine, host="127.0.0.1", port=srv.port, log_level="warning", close_engine=False,
+                             library=VoiceLibrary(tmp_path), request_timeout=0.5, max_upload_bytes=1000,
+                             generate_defaults=dict(DEFAULTS, max_new_tokens=200))
+    srv.state = srv.server.config.app.state.chatterbox
+    srv.thread = threading.Thread(target=srv.server.run, daemon=True)
+    srv.thread.start()
+    srv.url = f"http://127.0.0.1:{srv.port}"
+    try:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(srv.url + "/ready")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < end
+                time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["status"] == "warming_up"
+        r = httpx.post(srv.url + "/v1/audio/speech", json=dict(model="m", voice="default", input="hi"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        gate.set()
+        while httpx.get(srv.url + "/ready").status_code != 200:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        # 200 tokens take far longer than the 0.5 s timeout: cancelled, 504, slots freed
+        r = httpx.post(srv.url + "/v1/audio/speech", json=dict(model="m", voice="default", input="hi", stream=False),
+                       timeout=120)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        while (engine.stats()["slots_in_use"] or srv.state.inflight) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert engine.stats()["slots_in_use"] == 0 and srv.state.inflight == 0
+        r = httpx.post(srv.url + "/v1/audio/voices", data={"name": "big"},
+                       files={"file": ("x.wav", b"\0" * 5000, "audio/wav")})
+        assert r.status_code == 413
+    finally:
+        srv.stop()
