@@ -287,10 +287,18 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
             if getattr(body, k) is not None:
                 kw[k] = getattr(body, k)
         stream = bool(body.stream) and getattr(state.tts, "backend", "torch") == "torch"
+        fmt, speed = body.response_format, float(body.speed)
+        if fmt == "aac":
+            try:
+                import av  # noqa: F401 - only to know before any work whether AAC can be written here
+            except ImportError:
+                raise APIError(400, "response_format 'aac' needs PyAV on the server (pip install av); choose "
+                                    "another format", param="response_format", code="unsupported_format") from None
         if not state.try_acquire():
             raise APIError(429, f"the server is busy ({state.max_inflight} requests in flight); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
+            encoder = StreamEncoder(fmt, SAMPLE_RATE) if stream else None
             req = engine.submit(body.input, voice, seed=body.seed, language_id=body.language, stream=stream, **kw)
         except (ValueError, TypeError) as e:
             state.release()
@@ -300,7 +308,6 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
             raise
         started = time.perf_counter()
         n_text = _text_tokens(state.tts, body.input, body.language)
-        fmt, speed = body.response_format, float(body.speed)
         done = {"released": False}
 
         def finish(outcome: str) -> None:
@@ -318,17 +325,19 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
             except BaseException as e:
                 finish(_outcome(req, e))
                 raise
-            audio = wav.reshape(-1).numpy()
-            if speed != 1.0:
-                audio = time_stretch(audio, speed, SAMPLE_RATE)
             finish("done")
+
+            def encoded() -> bytes:  # off the event loop: seconds of audio take tens of ms to stretch and encode
+                audio = wav.reshape(-1).numpy()
+                if speed != 1.0:
+                    audio = time_stretch(audio, speed, SAMPLE_RATE)
+                return encode_whole(audio, fmt, SAMPLE_RATE)
+
+            data = await asyncio.get_running_loop().run_in_executor(None, encoded)
             if body.stream_format == "sse":
-                data = encode_whole(audio, fmt, SAMPLE_RATE)
                 return StreamingResponse(_sse_whole(data, n_text, req), media_type="text/event-stream")
-            data = await asyncio.get_running_loop().run_in_executor(None, encode_whole, audio, fmt, SAMPLE_RATE)
             return Response(data, media_type=media_type(fmt, SAMPLE_RATE))
 
-        encoder = StreamEncoder(fmt, SAMPLE_RATE)
         stretch = StreamingTimeStretch(speed, SAMPLE_RATE) if speed != 1.0 else None
 
         async def pieces():
