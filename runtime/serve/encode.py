@@ -251,8 +251,14 @@ def _set_ogg_page_latency(sfo, ms: float) -> None:
     """Ask libsndfile to end an Ogg page every ``ms`` of audio (soundfile has no call for it)."""
     import soundfile as sf
 
-    value = sf._ffi.new("double[1]", [ms])
-    sf._snd.sf_command(sfo._file, _SFC_SET_OGG_PAGE_LATENCY_MS, value, sf._ffi.sizeof(value))
+    try:  # soundfile's private handles: a soundfile without them keeps libsndfile's 1 s pages
+        value = sf._ffi.new("double[1]", [ms])
+        sf._snd.sf_command(sfo._file, _SFC_SET_OGG_PAGE_LATENCY_MS, value, sf._ffi.sizeof(value))
+    except AttributeError as e:
+        import logging
+
+        logging.getLogger(__name__).warning("cannot shorten Ogg pages with this soundfile (%s): streamed Opus "
+                                            "comes out once a second", e)
 
 
 def encode_chunks(chunks: Iterable, fmt: str, sample_rate: int = 24000) -> Iterator[bytes]:
