@@ -59,6 +59,7 @@ _WXT_MARGIN = 0.8
 _PROBE_SHAPES = ((4096, 1024), (1024, 4096))
 _PROBE_BYTES = 96 << 20  # per shape: more than a CPU's last-level cache
 _decode_kernel: Optional[str] = None
+_probe_lock = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,11 @@ def decode_kernel() -> str:
     """The product decode-sized fp32 CPU inputs use in this process: ``"onednn"``, ``"wxt"`` or ``"mkl"``.
     From ``$CHATTERBOX_RT_CPU_DECODE`` if set, else measured once (:func:`_probe_decode_kernel`)."""
     global _decode_kernel
-    if _decode_kernel is None:
+    if _decode_kernel is not None:
+        return _decode_kernel
+    with _probe_lock:  # one probe per process, even when two threads build their first T3 at once
+        if _decode_kernel is not None:
+            return _decode_kernel
         env = os.environ.get(DECODE_KERNEL_ENV, "").strip().lower()
         if env and env != "auto":
             if env not in DECODE_KERNELS:
