@@ -24,13 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from chatterbox_rt.profiling.bench import p90
+
 SR = 24000
 TEXT = "The quick brown fox jumps over the lazy dog, number {i}."
-
-
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def _engine_level(engine, c: int, kw: dict) -> dict:
@@ -77,7 +74,7 @@ def _http_level(url: str, c: int, fmt: str, extra: dict) -> dict:
 def _summary(res, wall: float) -> dict:
     firsts = [r[0] for r in res]
     totals = [r[1] for r in res]
-    return {"first_audio_ms_p50": 1e3 * statistics.median(firsts), "first_audio_ms_p90": 1e3 * _pct(firsts, 0.9),
+    return {"first_audio_ms_p50": 1e3 * statistics.median(firsts), "first_audio_ms_p90": 1e3 * p90(firsts),
             "latency_ms_p50": 1e3 * statistics.median(totals), "wall_s": wall, "units": sum(r[2] for r in res)}
 
 

@@ -220,6 +220,7 @@ class Engine:
         first = _check_chunk(self.first_chunk_tokens if first_chunk_tokens is None else first_chunk_tokens,
                              "first_chunk_tokens")
         req = Request(next(self._ids), text, stream=bool(stream), engine=self)
+        req.metrics.n_text_tokens = int(ids.numel())
         job = _Job(req, t3req, v, generator, n_steps, bool(kw.get("watermark", True)), bool(stream), chunk, first,
                    next_cut=first)
         with self._cv:

@@ -41,6 +41,7 @@ class RequestMetrics:
     first_audio_ms: Optional[float] = None  # submit -> first chunk ready
     total_ms: Optional[float] = None  # submit -> done
     n_tokens: int = 0  # speech tokens drawn
+    n_text_tokens: int = 0  # text tokens of the prompt
     n_samples: int = 0  # audio samples emitted (24 kHz)
 
     def __getitem__(self, key: str):

@@ -44,6 +44,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
+from ..voice import VOICE_FAMILY
+
 log = logging.getLogger("chatterbox_rt.serve")
 
 MAX_INPUT_CHARS = 4096
@@ -227,7 +230,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
         if close_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
-    app = FastAPI(title="chatterbox-rt", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="chatterbox-rt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.chatterbox = state
     app.state.metrics = metrics
 
@@ -307,7 +310,6 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
             state.release()
             raise
         started = time.perf_counter()
-        n_text = _text_tokens(state.tts, body.input, body.language)
         done = {"released": False}
 
         def finish(outcome: str) -> None:
@@ -335,7 +337,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
 
             data = await asyncio.get_running_loop().run_in_executor(None, encoded)
             if body.stream_format == "sse":
-                return StreamingResponse(_sse_whole(data, n_text, req), media_type="text/event-stream")
+                return StreamingResponse(_sse_whole(data, req), media_type="text/event-stream")
             return Response(data, media_type=media_type(fmt, SAMPLE_RATE))
 
         stretch = StreamingTimeStretch(speed, SAMPLE_RATE) if speed != 1.0 else None
@@ -363,7 +365,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
                 raise
 
         if body.stream_format == "sse":
-            return StreamingResponse(_sse(pieces(), n_text, req), media_type="text/event-stream",
+            return StreamingResponse(_sse(pieces(), req), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return StreamingResponse(_swallow_end(pieces()), media_type=encoder.media_type)
 
@@ -388,7 +390,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
                     continue
                 out.append({"id": info.name, "object": "voice", "variant": info.variant,
                             "exaggeration": info.exaggeration, "duration_s": info.duration_s,
-                            "created": info.created, "usable": _family(info.variant) == _family(state.tts.variant)})
+                            "created": info.created, "usable": VOICE_FAMILY.get(info.variant) == VOICE_FAMILY.get(state.tts.variant)})
         return {"object": "list", "data": out}
 
     @app.post("/v1/audio/voices")
@@ -563,16 +565,6 @@ async def _send_error(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _family(variant: str) -> str:
-    return "gpt2" if variant in ("turbo", "nano") else "llama"
-
-
 def _param_of(message: str) -> Optional[str]:
     for field in ("language", "exaggeration", "temperature", "top_p", "min_p", "top_k", "repetition_penalty",
                   "cfg_weight", "seed", "voice", "input", "max_new_tokens"):
@@ -581,13 +573,6 @@ def _param_of(message: str) -> Optional[str]:
     if "text" in message.lower():
         return "input"
     return None
-
-
-def _text_tokens(tts, text: str, language: Optional[str]) -> int:
-    try:
-        return int(tts.text_tokens(text, language).numel())
-    except Exception:  # noqa: BLE001 - usage is informative; submit has already validated the text
-        return 0
 
 
 def _need_library(state: ServerState):
@@ -667,7 +652,8 @@ async def _swallow_end(gen):
         return
 
 
-def _usage(n_text: int, req) -> dict:
+def _usage(req) -> dict:
+    n_text = int(req.metrics.n_text_tokens)
     n_out = int(req.metrics.n_tokens or 0)
     return {"input_tokens": n_text, "output_tokens": n_out, "total_tokens": n_text + n_out}
 
@@ -676,7 +662,7 @@ def _event(payload: dict) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-async def _sse(pieces, n_text: int, req):
+async def _sse(pieces, req):
     """OpenAI's speech SSE: ``speech.audio.delta`` per piece of encoded audio, then ``speech.audio.done``."""
     try:
         async for piece in pieces:
@@ -686,12 +672,12 @@ async def _sse(pieces, n_text: int, req):
     except Exception as e:  # noqa: BLE001 - the status was sent: say it in the stream
         yield _event({"type": "error", "error": {"message": _public_message(e), "type": "server_error"}})
         return
-    yield _event({"type": "speech.audio.done", "usage": _usage(n_text, req)})
+    yield _event({"type": "speech.audio.done", "usage": _usage(req)})
 
 
-async def _sse_whole(data: bytes, n_text: int, req):
+async def _sse_whole(data: bytes, req):
     yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-    yield _event({"type": "speech.audio.done", "usage": _usage(n_text, req)})
+    yield _event({"type": "speech.audio.done", "usage": _usage(req)})
 
 
 def _public_message(e: BaseException) -> str:
