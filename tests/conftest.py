@@ -41,3 +41,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_tmp_dirs(tmp_path_factory):
+    """Delete the temporary directories a test module made once the module is done.
+
+    Exported bundles are 0.1-3.5 GB each, and pytest otherwise keeps every module fixture's
+    directory until the session ends (tests' own ``tmp_path`` go right after a pass, by
+    ``tmp_path_retention_policy = "failed"`` in pyproject.toml). Kept, they summed to ~16 GB and
+    filled the CI machine's disk. No fixture wider than a module writes there."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for p in set(base.iterdir()) - before:
+        shutil.rmtree(p, ignore_errors=True)
