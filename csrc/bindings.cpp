@@ -31,6 +31,10 @@ void euler_meta(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const
   check_euler(out, x, v, dt);
 }
 
+void int8_linear_meta(at::Tensor& out, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_int8_linear(out, x, q, scale);
+}
+
 }  // namespace
 }  // namespace chatterbox_rt
 
@@ -48,6 +52,8 @@ TORCH_LIBRARY(chatterbox_rt, m) {
   m.def("cfg_euler_refresh(Tensor(a!) x, Tensor(b!) x_in, Tensor v, Tensor dt, float cfg_rate) -> ()");
   // out = x + dt v (meanflow, no CFG)
   m.def("euler(Tensor(a!) out, Tensor x, Tensor v, Tensor dt) -> ()");
+  // out [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]: weight-only INT8 (T3 with int8 weights), fp32 x/out
+  m.def("int8_linear(Tensor(a!) out, Tensor x, Tensor q, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_rt, Meta, m) {
@@ -56,6 +62,7 @@ TORCH_LIBRARY_IMPL(chatterbox_rt, Meta, m) {
   m.impl("cfg_euler", &chatterbox_rt::cfg_euler_meta);
   m.impl("cfg_euler_refresh", &chatterbox_rt::cfg_euler_refresh_meta);
   m.impl("euler", &chatterbox_rt::euler_meta);
+  m.impl("int8_linear", &chatterbox_rt::int8_linear_meta);
 }
 
 // `import chatterbox_rt._C` needs a module init; loading the library is what registers the ops.

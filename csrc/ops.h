@@ -28,6 +28,7 @@ void cfg_euler_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, co
 void cfg_euler_refresh_cpu(at::Tensor& x, at::Tensor& x_in, const at::Tensor& v, const at::Tensor& dt,
                            double cfg_rate);
 void euler_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt);
+void int8_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 // cuda/*.cu, compiled only into CUDA builds (setup.py)
 void snake_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& alpha, double eps);
 void istft_cuda(at::Tensor& out, const at::Tensor& spec, const at::Tensor& window, int64_t n_fft, int64_t hop,
@@ -69,6 +70,22 @@ inline void check_snake(const at::Tensor& out, const at::Tensor& x, const at::Te
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == x.size(1), "snake: alpha must be [C] = [", x.size(1),
               "], got shape ", alpha.sizes());
   check_out("snake", out, x, x.sizes(), x.scalar_type());
+}
+
+inline void check_int8_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& q,
+                              const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "int8_linear: x must be a contiguous float32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
+              "int8_linear: q must be a contiguous int8 [N, K] tensor, got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(q.size(1) == x.size(1), "int8_linear: x has K = ", x.size(1), " but q has K = ", q.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == q.size(0) &&
+                  scale.is_contiguous(),
+              "int8_linear: scale must be a contiguous float32 [N] = [", q.size(0), "] tensor, got ",
+              scale.scalar_type(), " ", scale.sizes());
+  check_same_device("int8_linear", x, q, "q");
+  check_same_device("int8_linear", x, scale, "scale");
+  check_out("int8_linear", out, x, {x.size(0), q.size(0)}, at::kFloat);
 }
 
 inline int64_t istft_out_len(int64_t hop, int64_t n_frames) { return n_frames > 0 ? hop * (n_frames - 1) : 0; }

@@ -52,6 +52,20 @@ def _ops():
     return torch.ops.chatterbox_rt
 
 
+def int8_linear_available() -> bool:
+    """True when the extension is loaded with its CPU weight-only INT8 kernel (CPU only: on a GPU the
+    Triton kernel runs)."""
+    return load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::int8_linear", "CPU")
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(x [M, K] @ q [N, K].T) * scale [N]``: contiguous fp32 x, int8 q, fp32 scale -> fp32 ``[M, N]``."""
+    if out is None:
+        out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32, device=x.device)
+    _ops().int8_linear(out, x, q, scale)
+    return out
+
+
 def _dt_tensor(dt: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """dt as a 1-element tensor on x's device (a float becomes a device tensor without a host sync)."""
     if isinstance(dt, torch.Tensor):
