@@ -288,6 +288,12 @@ class Conv1D(_Packable, nn.Module):
         return self._forward(x)
 
 
+def size_mismatch(key: str, got, want) -> str:
+    """torch's load_state_dict message for a checkpoint tensor of the wrong shape."""
+    return (f"size mismatch for {key}: copying a param with shape {list(got)} from checkpoint, "
+            f"the shape in current model is {list(want)}.")
+
+
 class BlockedLinear(nn.Module):
     """A linear layer whose weight is stored as contiguous column blocks ``[nb, out, kb]``.
 
@@ -333,8 +339,7 @@ class BlockedLinear(nn.Module):
         if key in state_dict:
             w = state_dict[key]
             if tuple(w.shape) != self.key_shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {list(w.shape)} from "
-                                  f"checkpoint, the shape in current model is {list(self.key_shape)}.")
+                error_msgs.append(size_mismatch(key, w.shape, self.key_shape))
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
             else:
                 state_dict[key] = self._pack(w)  # load_state_dict hands modules its own shallow copy

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .linear import BlockedLinear, Conv1D
+from .linear import BlockedLinear, Conv1D, size_mismatch
 
 WEIGHT_MODES = ("int8", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90): e4m3 tensor cores behind torch._scaled_mm
@@ -54,27 +54,52 @@ def _dense_oi(m: nn.Module) -> tuple[Tensor, bool]:
     return m.weight, False  # nn.Linear
 
 
+def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``w [N, K]`` -> (e4m3 ``q [N, K]``, fp32 ``scale [N]``), symmetric per output channel."""
+    w = w.float()
+    s = w.abs().amax(dim=1) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (w / s[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
 class QuantLinear(nn.Module):
-    """Shared state-dict handling: the checkpoint's dense ``weight`` in and out."""
+    """8-bit weights ``qweight [out, in]`` (``QDTYPE``) with one fp32 scale per output channel,
+    quantised by ``quantize`` (w -> (q, scale)); the checkpoint's dense ``weight`` in and out of
+    state dicts. Subclasses define ``forward``."""
 
-    conv1d: bool
-    n_in: int
-    n_out: int
+    QDTYPE: torch.dtype
+    quantize = None  # staticmethod: [N, K] float -> (q [N, K] in QDTYPE, scale [N] fp32)
 
-    def __init__(self, n_in: int, n_out: int, bias: Optional[Tensor], conv1d: bool):
+    def __init__(self, n_in: int, n_out: int, bias: Optional[Tensor] = None, conv1d: bool = False, device=None):
         super().__init__()
         self.n_in, self.n_out, self.conv1d = n_in, n_out, conv1d
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=self.QDTYPE, device=device), persistent=False)
+        self.register_buffer("scale_bits", torch.zeros(n_out, dtype=torch.int32, device=device), persistent=False)
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "QuantLinear":
+        w, conv1d = _dense_oi(m)
+        out = cls(w.shape[1], w.shape[0], getattr(m, "bias", None), conv1d, device=w.device)
+        with torch.no_grad():
+            out._quantize_from(w)
+        return out
+
+    @property
+    def scale(self) -> Tensor:
+        return self.scale_bits.view(torch.float32)
 
     @property
     def key_shape(self) -> tuple:
         return (self.n_in, self.n_out) if self.conv1d else (self.n_out, self.n_in)
 
-    def dense_oi(self, dtype=torch.float32) -> Tensor:
-        raise NotImplementedError
-
     def _quantize_from(self, w_oi: Tensor) -> None:
-        raise NotImplementedError
+        q, s = type(self).quantize(w_oi.to(self.qweight.device))
+        self.qweight.copy_(q)
+        self.scale_bits.copy_(s.view(torch.int32))
+
+    def dense_oi(self, dtype=torch.float32) -> Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def dense_weight(self) -> Tensor:
         """The dequantised weight in the checkpoint layout (a new fp32 tensor)."""
@@ -92,100 +117,51 @@ class QuantLinear(nn.Module):
         if key in state_dict:
             w = state_dict[key]
             if tuple(w.shape) != self.key_shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {list(w.shape)} from "
-                                  f"checkpoint, the shape in current model is {list(self.key_shape)}.")
+                error_msgs.append(size_mismatch(key, w.shape, self.key_shape))
             else:
                 with torch.no_grad():
-                    self._quantize_from((w.t() if self.conv1d else w).to(self.bias_device()))
+                    self._quantize_from(w.t() if self.conv1d else w)
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def bias_device(self) -> torch.device:
-        raise NotImplementedError
+    def extra_repr(self) -> str:
+        return f"in={self.n_in}, out={self.n_out}, bias={self.bias is not None}, {self.QDTYPE} per-channel"
+
+
+def _quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    from ...kernels.int8_linear_op import quantize_int8
+
+    return quantize_int8(w)
 
 
 class Int8Linear(QuantLinear):
-    """Weight-only INT8: ``qweight [out, in]`` int8 with one fp32 scale per output channel; the
-    input stays in its float dtype and the product accumulates in fp32
-    (``chatterbox_rt.kernels.int8_linear``: ATen's int8 kernel on a CPU, Triton on a GPU)."""
+    """Weight-only INT8: the input stays in its float dtype and the product accumulates in fp32
+    (``chatterbox_rt.kernels.int8_linear_op.int8_linear``: our C++ kernel on a CPU, Triton on a GPU)."""
 
-    def __init__(self, n_in: int, n_out: int, bias: Optional[Tensor] = None, conv1d: bool = False,
-                 device=None):
-        super().__init__(n_in, n_out, bias, conv1d)
-        self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=torch.int8, device=device), persistent=False)
-        self.register_buffer("scale_bits", torch.zeros(n_out, dtype=torch.int32, device=device), persistent=False)
-
-    @classmethod
-    def from_module(cls, m: nn.Module) -> "Int8Linear":
-        w, conv1d = _dense_oi(m)
-        out = cls(w.shape[1], w.shape[0], getattr(m, "bias", None), conv1d, device=w.device)
-        with torch.no_grad():
-            out._quantize_from(w)
-        return out
-
-    @property
-    def scale(self) -> Tensor:
-        return self.scale_bits.view(torch.float32)
-
-    def bias_device(self) -> torch.device:
-        return self.qweight.device
-
-    def _quantize_from(self, w_oi: Tensor) -> None:
-        from ...kernels.int8_linear_op import quantize_int8
-
-        q, s = quantize_int8(w_oi.to(self.qweight.device))
-        self.qweight.copy_(q)
-        self.scale_bits.copy_(s.view(torch.int32))
-
-    def dense_oi(self, dtype=torch.float32) -> Tensor:
-        from ...kernels.int8_linear_op import dequantize_int8
-
-        return dequantize_int8(self.qweight, self.scale, dtype)
+    QDTYPE = torch.int8
+    quantize = staticmethod(_quantize_int8)
 
     def forward(self, x: Tensor) -> Tensor:
         from ...kernels.int8_linear_op import int8_linear
 
         return int8_linear(x, self.qweight, self.scale, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"in={self.n_in}, out={self.n_out}, bias={self.bias is not None}, int8 per-channel"
-
 
 class Fp8Linear(QuantLinear):
-    """FP8 e4m3 weights with one fp32 scale per output channel; each call scales its input rows to
-    e4m3 (one scale per row) and multiplies on the tensor cores with ``torch._scaled_mm``
-    (row-wise scales, bf16 out). Hopper/Ada only (:func:`fp8_supported`)."""
+    """FP8 e4m3 weights; each call scales its input rows to e4m3 (one scale per row) and multiplies
+    on the tensor cores with ``torch._scaled_mm`` (row-wise scales, bf16 out). Hopper/Ada only
+    (:func:`fp8_supported`)."""
 
-    def __init__(self, n_in: int, n_out: int, bias: Optional[Tensor] = None, conv1d: bool = False,
-                 device=None):
-        super().__init__(n_in, n_out, bias, conv1d)
+    QDTYPE = getattr(torch, "float8_e4m3fn", None)
+    quantize = staticmethod(quantize_fp8)
+
+    def __init__(self, n_in: int, n_out: int, bias: Optional[Tensor] = None, conv1d: bool = False, device=None):
         if n_in % 16 or n_out % 16:
             raise ValueError(f"FP8 weights need both dimensions to be multiples of 16, got {n_out} x {n_in}")
-        self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=torch.float8_e4m3fn, device=device),
-                             persistent=False)
-        self.register_buffer("scale_bits", torch.zeros(n_out, dtype=torch.int32, device=device), persistent=False)
-
-    from_module = classmethod(Int8Linear.from_module.__func__)
-
-    @property
-    def scale(self) -> Tensor:
-        return self.scale_bits.view(torch.float32)
-
-    def bias_device(self) -> torch.device:
-        return self.qweight.device
-
-    def _quantize_from(self, w_oi: Tensor) -> None:
-        w = w_oi.to(self.qweight.device, torch.float32)
-        s = w.abs().amax(dim=1) / FP8_MAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        self.qweight.copy_((w / s[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
-        self.scale_bits.copy_(s.view(torch.int32))
-
-    def dense_oi(self, dtype=torch.float32) -> Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        super().__init__(n_in, n_out, bias, conv1d, device)
 
     def forward(self, x: Tensor) -> Tensor:
         K = self.n_in
