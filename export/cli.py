@@ -29,7 +29,7 @@ never used."""
 def add_parsers(sub, model_options) -> None:
     e = sub.add_parser("export", help="ONNX graphs of a model, checked against torch, with a manifest",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_options(e, t3=True)
+    model_options(e, t3=True, precision=False)
     e.add_argument("--out", default=None, metavar="DIR", help="bundle directory to write (required unless "
                                                               "--triton-repo is given)")
     e.add_argument("--components", default=None, metavar="LIST",

@@ -9,7 +9,7 @@ VARIANTS = ("chatterbox", "multilingual", "turbo", "nano")
 # The public API loads lazily, so that ``import chatterbox_rt`` stays cheap (the CLI's --help,
 # tools that only read __version__).
 _LAZY = {"TTS": ".tts", "VC": ".vc", "Voice": ".voice", "VoiceError": ".voice", "AudioError": ".audio",
-         "CheckpointError": ".checkpoint", "Engine": ".engine"}
+         "CheckpointError": ".checkpoint", "Engine": ".engine", "PrecisionConfig": ".precision"}
 
 
 def __getattr__(name):
@@ -24,4 +24,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["TTS", "VC", "Voice", "Engine", "VoiceError", "AudioError", "CheckpointError", "VARIANTS", "__version__"]
+__all__ = ["TTS", "VC", "Voice", "Engine", "PrecisionConfig", "VoiceError", "AudioError", "CheckpointError", "VARIANTS", "__version__"]

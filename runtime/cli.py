@@ -133,6 +133,11 @@ def check_runtime_options(args) -> str:
     _check_seed(getattr(args, "seed", None))
     device = _device(args.device)
     _dtype(args.dtype)
+    precision = getattr(args, "load_precision", None)
+    if precision is not None:
+        from .precision import PrecisionConfig
+
+        PrecisionConfig.resolve(precision, _dtype(args.dtype), device)  # a bad mode or a conflict, before loading
     _check_kernels(device)
     return device
 
@@ -580,6 +585,9 @@ def _check_model_options(args) -> None:
     if bundle:
         if args.dtype not in ("fp32", "float32"):
             raise ValueError("--bundle runs the precision the bundle was exported in; drop --dtype")
+        if getattr(args, "load_precision", None) not in (None, "fp32"):
+            raise ValueError("--bundle runs the precision the bundle was exported in; drop --precision "
+                             "(export with `chatterbox-rt export --precision` instead)")
         for opt in ("t3_file", "lora", "behaviour"):
             if getattr(args, opt, None):
                 raise ValueError(f"--{opt.replace('_', '-')} applies when loading a checkpoint, not a --bundle "
@@ -616,6 +624,7 @@ def _load_tts(args):
         return TTS.from_exported(args.bundle, device=device, threads=threads)
     if args.ckpt:
         return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype,
+                              precision=getattr(args, "load_precision", None),
                               t3_file=getattr(args, "t3_file", None), lora=getattr(args, "lora", None),
                               behaviour=getattr(args, "behaviour", None), backend=backend, threads=threads)
     variant = args.variant or DUMMY_VARIANT
@@ -629,6 +638,7 @@ def _load_tts(args):
     elif behaviour is not None:
         overrides = dict(behaviour=behaviour)
     return TTS.from_dummy(variant, seed=args.seed or 0, device=device, dtype=dtype, backend=backend,
+                          precision=getattr(args, "load_precision", None),
                           threads=threads, **overrides)
 
 
@@ -809,9 +819,10 @@ def cmd_vc(args) -> int:
     device, dtype = _device(args.device), _dtype(args.dtype)
     with _audio_sink(target_path) as sink:
         if args.ckpt:
-            vc = VC.from_local(args.ckpt, device=device, dtype=dtype)
+            vc = VC.from_local(args.ckpt, device=device, dtype=dtype, precision=getattr(args, "load_precision", None))
         else:
-            vc = VC.from_dummy(seed=args.seed or 0, device=device, dtype=dtype)
+            vc = VC.from_dummy(seed=args.seed or 0, device=device, dtype=dtype,
+                               precision=getattr(args, "load_precision", None))
         if args.target:
             target = str(args.target)
         elif target is None and vc.target is None:
@@ -965,7 +976,8 @@ def _audio_output_options(p: argparse.ArgumentParser) -> None:
                         "(Ogg/Opus) or pcm (raw 16-bit little-endian mono samples, no header)")
 
 
-def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = False, bundle: bool = False) -> None:
+def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = False, bundle: bool = False,
+                   precision: bool = True) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", metavar="DIR", help="checkpoint directory (official file names)")
     src.add_argument("--dummy-weights", action="store_true",
@@ -984,7 +996,12 @@ def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = 
     if t3:
         _t3_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the default: cuda if present)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (T3, the flow and HiFT; see --precision)")
+    if precision:  # (export has its own --precision: the graphs')
+        p.add_argument("--precision", dest="load_precision", default=None, metavar="MODE",
+                       help="auto, fp32, bf16, fp16, int8 (8-bit T3 weights) or fp8 (Ada/Hopper GPUs): each module's "
+                            "precision (chatterbox_rt.PrecisionConfig; BENCHMARKS.md has the quality and speed of "
+                            "each)")
     p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     # Testing aid, deliberately undocumented: a dummy T3 with N layers, so CLI tests run fast.

@@ -29,6 +29,7 @@ from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3GEN_SIL, S3Gen
 from .models.t3 import T3, T3Cond
 from .models.t3.config import SPEECH_CODEBOOK_SIZE, canonical_variant
 from .models.voice_encoder import VoiceEncoder
+from .precision import PrecisionConfig, apply_t3, cast_frontend, t3_load_dtype
 from .profiling import nvtx
 from .text import TextFrontEnd, dummy_text_frontend, load_text_frontend
 from .voice import Voice, builtin_voice
@@ -82,6 +83,13 @@ def normalize_loudness(wav: np.ndarray, sr: int, target_lufs: float = TURBO_TARG
         # numpy 2 the reference's product turns float64 and its tokenizer then fails on it.
         wav = wav.astype(np.float32) * np.float32(gain)
     return wav
+
+
+def _uniform(dtype) -> Optional[PrecisionConfig]:
+    try:
+        return PrecisionConfig.uniform(dtype)
+    except ValueError:  # e.g. a float64 model built by a test
+        return None
 
 
 class S3GenPipeline(ABC):
@@ -160,6 +168,7 @@ class TTS(S3GenPipeline):
         self.source = source
         self.backend = "torch"  # "onnxruntime"/"tensorrt" for TTS.from_exported (chatterbox_rt.export.ort_backend)
         self.ckpt_dir: Optional[Path] = None  # the checkpoint directory, when loaded from one
+        self.precision: Optional[PrecisionConfig] = getattr(t3, "precision", None) or _uniform(t3.dtype)
         self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
 
     @property
@@ -176,7 +185,7 @@ class TTS(S3GenPipeline):
     def from_local(cls, ckpt_dir: Union[str, Path], variant: Optional[str] = None, device=None,
                    dtype=torch.float32, *, t3_file: Optional[Union[str, Path]] = None,
                    behaviour: Optional[str] = None, lora: Optional[Union[str, Path]] = None,
-                   backend: str = "torch", threads: Optional[int] = None) -> "TTS":
+                   backend: str = "torch", threads: Optional[int] = None, precision=None) -> "TTS":
         """Load a checkpoint directory by the official file names (variant detected if not given).
 
         ``t3_file``: the T3 file to load instead of the variant's official one: upstream's
@@ -189,15 +198,20 @@ class TTS(S3GenPipeline):
         ``backend``: "torch" (default), "onnxruntime" or "tensorrt": the checkpoint is exported once
         to the export cache (``$CHATTERBOX_RT_EXPORTS``, default ``~/.cache/chatterbox-rt/onnx``,
         keyed by the weights' content hash) and run from there, as ``TTS.from_exported`` (for
-        "tensorrt" the engines are built once into the engine cache, ``$CHATTERBOX_RT_ENGINES``)."""
+        "tensorrt" the engines are built once into the engine cache, ``$CHATTERBOX_RT_ENGINES``).
+
+        ``precision``: "auto" | "fp32" | "bf16" | "fp16" | "int8" | "fp8" | a
+        ``chatterbox_rt.PrecisionConfig`` (each module's precision; ``chatterbox_rt.precision``).
+        None (default): ``dtype`` for T3, the flow and HiFT, as before."""
         from .checkpoint import check_files, resolve_t3
 
         if backend != "torch":
             return cls._other_backend(backend, threads, device, dtype, cls.from_local, ckpt_dir, variant,
-                                      t3_file=t3_file, behaviour=behaviour, lora=lora)
+                                      t3_file=t3_file, behaviour=behaviour, lora=lora, precision=precision)
 
         ckpt_dir = Path(ckpt_dir)
         device = device or default_device()
+        config = PrecisionConfig.resolve(precision, dtype, device)
         if lora is not None and not Path(lora).is_dir():
             raise CheckpointError(f"LoRA adapter directory not found: {lora}")
         if not ckpt_dir.is_dir():
@@ -213,17 +227,19 @@ class TTS(S3GenPipeline):
             t3_path, variant, behaviour = resolve_t3(ckpt_dir, variant, t3_path, behaviour)
             check_files(ckpt_dir, variant, t3_path)
         key = canonical_variant(variant)
-        t3 = T3.from_local(ckpt_dir, variant=variant, device=device, dtype=dtype, t3_file=t3_path,
-                           behaviour=behaviour, lora=lora)
+        t3 = apply_t3(T3.from_local(ckpt_dir, variant=variant, device=device, dtype=t3_load_dtype(config),
+                                    t3_file=t3_path, behaviour=behaviour, lora=lora), config)
         s3gen = S3Gen.from_file(find_file(ckpt_dir, key, S3GEN_FILES, "S3Gen"), meanflow=key in ("turbo", "nano"),
-                                device=device, dtype=dtype)
+                                device=device).to_precision(device, config=config)
         ve_path = find_file(ckpt_dir, key, VE_FILES, "voice encoder")
         ve = load_into(VoiceEncoder(), read_state_dict(ve_path), str(ve_path)).to(device).eval()
+        cast_frontend(ve, config.dtype("frontends"))
         frontend = load_text_frontend(ckpt_dir, key)
         extra = f", T3 {t3_path.name}" + (f", {behaviour} behaviour" if behaviour else "") + \
             (f", LoRA {lora}" if lora is not None else "")
         tts = cls(variant, t3, s3gen, ve, frontend, builtin_voice(ckpt_dir), source=f"checkpoint {ckpt_dir}{extra}")
         tts.ckpt_dir = ckpt_dir
+        tts.precision = config
         return tts
 
     @classmethod
@@ -247,11 +263,14 @@ class TTS(S3GenPipeline):
                              verify=verify, backend=backend, **trt_options)
 
     @classmethod
-    def _other_backend(cls, backend: str, threads, device, dtype, loader, *args, **kw) -> "TTS":
+    def _other_backend(cls, backend: str, threads, device, dtype, loader, *args, precision=None, **kw) -> "TTS":
         """Load with torch on the CPU (the exporter's input), export once, run the bundle."""
         from .export.ort_backend import cached_export, check_backend
 
         check_backend(backend)
+        if precision is not None and PrecisionConfig.resolve(precision, dtype, "cpu") != PrecisionConfig():
+            raise ValueError(f"backend={backend!r} runs the exported graphs' precision; drop precision={precision!r} "
+                             f"(reduced precision comes from `chatterbox-rt export --precision`)")
         if dtype not in (None, torch.float32):
             raise ValueError(f"backend={backend!r} runs the exported graphs' precision; load with dtype=float32 "
                              f"(reduced precision comes from `chatterbox-rt export --precision`)")
@@ -272,20 +291,27 @@ class TTS(S3GenPipeline):
 
     @classmethod
     def from_dummy(cls, variant: str, seed: int = 0, device=None, dtype=torch.float32, *, backend: str = "torch",
-                   threads: Optional[int] = None, **t3_overrides) -> "TTS":
+                   threads: Optional[int] = None, precision=None, **t3_overrides) -> "TTS":
         """Seeded random weights at the real shapes, a character-level stand-in tokenizer and a
         random built-in voice: for tests and benchmarks (the audio is noise, the work is real).
         ``t3_overrides`` replace T3Config fields (e.g. a smaller backbone for fast tests).
-        ``backend="onnxruntime"`` / ``"tensorrt"``: exported once to the export cache and run from there."""
+        ``backend="onnxruntime"`` / ``"tensorrt"``: exported once to the export cache and run from there.
+        ``precision``: as ``from_local``."""
         if backend != "torch":
-            return cls._other_backend(backend, threads, device, dtype, cls.from_dummy, variant, seed, **t3_overrides)
+            return cls._other_backend(backend, threads, device, dtype, cls.from_dummy, variant, seed,
+                                      precision=precision, **t3_overrides)
         device = device or default_device()
+        config = PrecisionConfig.resolve(precision, dtype, device)
         key = canonical_variant(variant)
-        t3 = T3.from_dummy(variant, seed=seed, device=device, dtype=dtype, **t3_overrides)
-        s3gen = S3Gen.from_dummy(meanflow=key in ("turbo", "nano"), seed=seed + 1, device=device, dtype=dtype)
-        ve = init_dummy_conv_(VoiceEncoder(), seed + 2).to(device).eval()
+        t3 = apply_t3(T3.from_dummy(variant, seed=seed, device=device, dtype=t3_load_dtype(config), **t3_overrides),
+                      config)
+        s3gen = S3Gen.from_dummy(meanflow=key in ("turbo", "nano"), seed=seed + 1,
+                                 device=device).to_precision(device, config=config)
+        ve = cast_frontend(init_dummy_conv_(VoiceEncoder(), seed + 2).to(device).eval(), config.dtype("frontends"))
         voice = dummy_voice(t3.config.speech_cond_prompt_len, seed=seed + 3)
-        return cls(variant, t3, s3gen, ve, dummy_text_frontend(key), voice, source=f"dummy weights (seed {seed})")
+        tts = cls(variant, t3, s3gen, ve, dummy_text_frontend(key), voice, source=f"dummy weights (seed {seed})")
+        tts.precision = config
+        return tts
 
     # ------------------------------------------------------------------ voices
 

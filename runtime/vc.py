@@ -17,6 +17,7 @@ from .audio import check_voice_clip, load_audio
 from .checkpoint import S3GEN_FILES, BUILTIN_VOICE_FILE, CheckpointError
 from .models.s3gen.hift import S3GEN_SR
 from .models.s3gen.s3gen import PROMPT_MAX_SECONDS, S3_SR, S3Gen
+from .precision import PrecisionConfig
 from .profiling import nvtx
 from .tts import AudioInput, S3GenPipeline, default_device, dummy_voice, make_generator
 from .voice import Voice
@@ -38,9 +39,10 @@ class VC(S3GenPipeline):
         return f"VC(device={self.device}, meanflow={self.s3gen.meanflow}, {self.source})"
 
     @classmethod
-    def from_local(cls, ckpt_dir: Union[str, Path], device=None, dtype=torch.float32) -> "VC":
+    def from_local(cls, ckpt_dir: Union[str, Path], device=None, dtype=torch.float32, *, precision=None) -> "VC":
         """``s3gen.safetensors`` (or any variant's S3Gen file) and the built-in target voice
-        ``conds.pt`` from a checkpoint directory."""
+        ``conds.pt`` from a checkpoint directory. ``precision``: as ``TTS.from_local`` (its
+        S3Gen fields: ``flow_encoder``, ``cfm``, ``hift``, ``frontends``)."""
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
@@ -48,15 +50,20 @@ class VC(S3GenPipeline):
         path = next((ckpt_dir / n for n in names if (ckpt_dir / n).is_file()), None)
         if path is None:
             raise CheckpointError(f"no S3Gen checkpoint in {ckpt_dir}: expected one of {', '.join(names)}")
-        s3gen = S3Gen.from_file(path, device=device or default_device(), dtype=dtype)
+        device = device or default_device()
+        config = PrecisionConfig.resolve(precision, dtype, device)
+        s3gen = S3Gen.from_file(path, device=device).to_precision(device, config=config)
         target = None
         if (ckpt_dir / BUILTIN_VOICE_FILE).is_file():
             target = Voice.load(ckpt_dir / BUILTIN_VOICE_FILE).gen
         return cls(s3gen, target, source=f"checkpoint {path}")
 
     @classmethod
-    def from_dummy(cls, seed: int = 0, meanflow: bool = False, device=None, dtype=torch.float32) -> "VC":
-        s3gen = S3Gen.from_dummy(meanflow=meanflow, seed=seed + 1, device=device or default_device(), dtype=dtype)
+    def from_dummy(cls, seed: int = 0, meanflow: bool = False, device=None, dtype=torch.float32, *,
+                   precision=None) -> "VC":
+        device = device or default_device()
+        config = PrecisionConfig.resolve(precision, dtype, device)
+        s3gen = S3Gen.from_dummy(meanflow=meanflow, seed=seed + 1, device=device).to_precision(device, config=config)
         return cls(s3gen, dummy_voice(1, seed=seed + 3).gen, source=f"dummy weights (seed {seed})")
 
     @torch.inference_mode()

@@ -110,7 +110,7 @@ class Engine:
         self.max_batch = max_batch
         rows = max_batch * self.rows_per_request
         b = cfg.backbone
-        per_entry = b.num_layers * 2 * b.num_heads * b.head_dim * torch.finfo(t3.dtype).bits // 8
+        per_entry = b.num_layers * 2 * b.num_heads * b.head_dim * torch.finfo(t3.kv_dtype).bits // 8
         if max_len is None:
             if memory_budget is not None:
                 max_len = int(memory_budget) // (rows * per_entry)

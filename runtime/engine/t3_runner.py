@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..models.t3.backbone import KVCache, Segment, Step
 from ..models.t3.linear import BlockedLinear, Conv1D, Linear
+from ..models.t3.quant import QuantLinear
 from ..models.t3.request import T3Request
 from ..models.t3.t3 import CACHE_LEN_QUANTUM, T3
 from ..profiling import nvtx
@@ -46,9 +47,9 @@ def invariant_group_rows(t3: T3, limit: int = INVARIANCE_PROBE_ROWS, seed: int =
     g = torch.Generator().manual_seed(seed)
     shapes, mods = set(), []
     for m in t3.modules():
-        if isinstance(m, (Linear, Conv1D, BlockedLinear)):
-            w = m.weight
-            key = (type(m).__name__, tuple(w.shape), getattr(m, "bias", None) is not None)
+        if isinstance(m, (Linear, Conv1D, BlockedLinear, QuantLinear)):
+            shape = m.key_shape if isinstance(m, QuantLinear) else tuple(m.weight.shape)
+            key = (type(m).__name__, shape, getattr(m, "bias", None) is not None)
             if key not in shapes:
                 shapes.add(key)
                 mods.append(m)
@@ -56,7 +57,7 @@ def invariant_group_rows(t3: T3, limit: int = INVARIANCE_PROBE_ROWS, seed: int =
     with torch.inference_mode():
         for m in mods:
             k = m.n_in
-            dev, dt = m.weight.device, m.weight.dtype
+            dev, dt = (m.qweight.device, t3.dtype) if isinstance(m, QuantLinear) else (m.weight.device, m.weight.dtype)
             row = torch.randn(k, generator=g).to(dev, dt)
             ref = m(torch.stack([row, torch.randn(k, generator=g).to(dev, dt)]))[0]
             for rows in range(1, best + 1):
@@ -86,7 +87,7 @@ class T3Runner:
         # The invariant mode never reads an entry it has not written, so its cache need not be
         # zeroed (on a CPU, untouched pages cost no memory); the dense mode masks stale entries,
         # which must be finite.
-        self.cache = KVCache(b.num_layers, b.num_heads, b.head_dim, self.max_rows, self.max_len, t3.dtype, dev,
+        self.cache = KVCache(b.num_layers, b.num_heads, b.head_dim, self.max_rows, self.max_len, t3.kv_dtype, dev,
                              zero=(mode == "dense"))
         self._free = [True] * self.max_rows
         self.group_rows = invariant_group_rows(t3) if mode == "invariant" else self.max_rows

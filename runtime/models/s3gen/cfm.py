@@ -286,14 +286,19 @@ class ConditionalDecoder(nn.Module):
         return self.final_proj.weight.dtype
 
     def time_embedding(self, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """t (and, for meanflow, r): [B] or [1] -> [B or 1, time_embed_dim]."""
-        emb = self.time_mlp(sinusoidal_embedding(t, self.config.in_channels).to(t.dtype))
+        """t (and, for meanflow, r): [B] or [1] -> [B or 1, time_embed_dim] in the estimator's dtype.
+
+        An fp32 island when the estimator runs in bf16/fp16 (``TIME_FP32_PARTS`` stay fp32): the
+        sinusoid of ``1000 t`` and its MLP lose most where t is small, and keeping them (and t)
+        in fp32 halved the 10-step CFM's bf16 mel error (BENCHMARKS.md, "Precision")."""
+        dt = self.time_mlp.linear_1.weight.dtype
+        emb = self.time_mlp(sinusoidal_embedding(t.float(), self.config.in_channels).to(dt))
         if self.time_embed_mixer is not None:
             if r is None:
                 raise ValueError("a meanflow estimator needs the end time r")
-            r_emb = self.time_mlp(sinusoidal_embedding(r, self.config.in_channels).to(emb.dtype))
-            emb = self.time_embed_mixer(torch.cat([emb, r_emb], dim=1))
-        return emb
+            r_emb = self.time_mlp(sinusoidal_embedding(r.float(), self.config.in_channels).to(dt))
+            emb = self.time_embed_mixer(torch.cat([emb, r_emb], dim=1).to(self.time_embed_mixer.weight.dtype))
+        return emb.to(self.dtype)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -361,10 +366,10 @@ class CausalCFM(nn.Module):
         if n_steps is None:
             n_steps = cfg.meanflow_n_steps if meanflow else cfg.n_steps
         scheduler = "linear" if meanflow else cfg.t_scheduler
-        t_span = time_span(n_steps, scheduler, device=mu.device, dtype=mu.dtype)
+        t_span = time_span(n_steps, scheduler, device=mu.device, dtype=torch.float32)  # the times stay fp32
 
         in_dtype, dtype = noise.dtype, self.estimator.dtype
-        x, t_span, mu, spks, cond = (a.to(dtype) for a in (noise, t_span, mu, spks, cond))
+        x, mu, spks, cond = (a.to(dtype) for a in (noise, mu, spks, cond))
         mask = None if mask is None else mask.to(dtype)
         if meanflow:
             return self._basic_euler(x, t_span, mu, mask, spks, cond).to(in_dtype)
@@ -374,7 +379,7 @@ class CausalCFM(nn.Module):
         """Meanflow: plain Euler over (t, r) pairs, no CFG (distilled with CFG outputs)."""
         euler = self._euler.get(x.device)
         x = x.contiguous()  # the fused kernels take dense tensors (the noise may be a slice)
-        dts = t_span[1:] - t_span[:-1]  # on the device: no host read per step
+        dts = (t_span[1:] - t_span[:-1]).to(x.dtype)  # on the device: no host read per step
         for i, (t, r) in enumerate(zip(t_span[:-1], t_span[1:], strict=True)):
             with nvtx.range("cfm_step"):
                 with nvtx.range("estimator"):
@@ -398,8 +403,8 @@ class CausalCFM(nn.Module):
         spks_in = x.new_zeros(2 * B, *spks.shape[1:])
         cond_in = x.new_zeros(2 * B, *cond.shape[1:])
         mu_in[:B], spks_in[:B], cond_in[:B] = mu, spks, cond
-        t_in = x.new_empty(1)  # the time is shared by all rows; the embedding broadcasts
-        dts = t_span[1:] - t_span[:-1]
+        t_in = t_span.new_empty(1)  # the time is shared by all rows; the embedding broadcasts
+        dts = (t_span[1:] - t_span[:-1]).to(x.dtype)
         for i, t in enumerate(t_span[:-1]):
             with nvtx.range("cfm_step"):
                 t_in.copy_(t)

@@ -235,6 +235,8 @@ class F0Predictor(nn.Module):
         self._register_load_state_dict_pre_hook(_fold_weight_norm_hook)
 
     def forward(self, mel: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dt = self.classifier.weight.dtype  # fp32 when HiFT runs narrower (s3gen.HIFT_FP32_PARTS)
+        mel, mask = mel.to(dt), None if mask is None else mask.to(dt)
         x = _mask(mel, mask)  # [B, 80, T]
         for layer in self.condnet:
             x = layer(x)
@@ -388,7 +390,7 @@ class HiFTGenerator(nn.Module):
         c = self.config
         T = mel.shape[-1]
         dt = mel.dtype
-        s_stft = self._source_stft(s, lengths)  # [B, 18, 120 T + 1]
+        s_stft = self._source_stft(s, lengths).to(dt)  # [B, 18, 120 T + 1]
         n_frames = s_stft.shape[-1]
         frame_mask = _time_mask(lengths, n_frames, c.upsample_factor, 1, dt)
         s_stft = _mask(s_stft, frame_mask)

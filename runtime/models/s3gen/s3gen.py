@@ -41,6 +41,12 @@ PROMPT_MAX_SECONDS = 10  # the reference's DEC_COND_LEN: the prompt mel covers a
 TOLERATED_KEYS = tuple(f"tokenizer.{k}" for k in S3Tokenizer.RECOMPUTED_BUFFERS)
 
 
+# HiFT's parts that run in fp32 whatever HiFT's dtype (the quality table in BENCHMARKS.md).
+HIFT_FP32_PARTS = ("f0_predictor", "m_source")
+# The CFM estimator's time-embedding MLPs, fp32 whatever the estimator's dtype (ConditionalDecoder.time_embedding).
+CFM_FP32_PARTS = ("time_mlp", "time_embed_mixer")
+
+
 class Flow(FlowFront):
     """``CausalMaskedDiffWithXvec`` for inference: ``FlowFront`` plus ``decoder`` (the CFM)."""
 
@@ -112,11 +118,28 @@ class S3Gen(nn.Module):
         self.load_state_dict(sd, strict=True)
         return self
 
-    def to_precision(self, device="cpu", dtype=torch.float32) -> "S3Gen":
-        """Front ends (tokenizer, x-vector) stay fp32; the flow and the vocoder take ``dtype``."""
+    def to_precision(self, device="cpu", dtype=torch.float32, *, config=None) -> "S3Gen":
+        """Move to ``device`` and set each part's dtype: ``config`` (a ``chatterbox_rt.PrecisionConfig``:
+        ``flow_encoder``, ``cfm``, ``hift``, ``frontends`` for the tokenizer and the x-vector), or
+        ``dtype`` for the flow and the vocoder with the front ends fp32. HiFT's fp32 islands (F0
+        predictor, sine source) and the CFM's time embedding stay fp32 whatever their module's dtype
+        (chatterbox_rt.precision)."""
+        from ...precision import PrecisionConfig, cast_frontend
+
+        config = config or PrecisionConfig.uniform(dtype)
         self.to(device=device)
-        self.flow.to(dtype=dtype)
-        self.mel2wav.to(dtype=dtype)
+        for name, child in self.flow.named_children():
+            child.to(dtype=config.dtype("cfm" if name == "decoder" else "flow_encoder"))
+        est = self.flow.decoder.estimator
+        for island in CFM_FP32_PARTS:
+            if getattr(est, island, None) is not None:
+                getattr(est, island).float()
+        self.mel2wav.to(dtype=config.dtype("hift"))
+        for island in HIFT_FP32_PARTS:
+            getattr(self.mel2wav, island).float()
+        for front in (self.tokenizer, self.speaker_encoder):
+            cast_frontend(front, config.dtype("frontends"))
+        self.precision = config
         return self
 
     COMPILE_PARTS = ("estimator", "hift")
@@ -233,7 +256,7 @@ class S3Gen(nn.Module):
             raise ValueError(f"noise must be [{B}, {MEL_BINS}, >= {L}] (prompt + new frames), "
                              f"got {list(noise.shape)}")
         padded = bool((full < L).any())  # host-known: no device sync
-        noise = noise[..., :L].to(dev, dtype)
+        noise = noise[..., :L].to(dev, torch.float32)  # the CFM casts it to its own dtype; the mel comes back fp32
         if padded:
             noise = noise * mask
         # Unpadded (every single request): the estimator skips its ~100 all-ones mask passes.

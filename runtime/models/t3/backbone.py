@@ -171,7 +171,7 @@ def _attend_per_request(q: Tensor, cache_k: Tensor, cache_v: Tensor, step: Step,
     out = torch.empty_like(q)
     for seg in step.segments:
         r, s = slice(seg.row, seg.row + seg.n), slice(seg.slot, seg.slot + seg.n)
-        k, v = cache_k[s, :, :seg.kv_len], cache_v[s, :, :seg.kv_len]
+        k, v = _read(cache_k[s, :, :seg.kv_len], q), _read(cache_v[s, :, :seg.kv_len], q)
         if seg.probe is not None:
             _probe(seg.probe, layer_idx, q[r], k, step.pos[r])
         out[r] = F.scaled_dot_product_attention(q[r], k, v, attn_mask=seg.mask)
@@ -184,16 +184,21 @@ def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple[Tensor, Tens
     step, or a per-request decode step."""
     if step.segments is not None:
         # NOTE: advanced indices around a slice put the indexed dim first: [B, H, D] = k[:, :, 0].
-        cache[0][step.slots, :, step.pos] = k[:, :, 0]
-        cache[1][step.slots, :, step.pos] = v[:, :, 0]
+        cache[0][step.slots, :, step.pos] = k[:, :, 0].to(cache[0].dtype)
+        cache[1][step.slots, :, step.pos] = v[:, :, 0].to(cache[1].dtype)
         return _attend_per_request(q, cache[0], cache[1], step, layer_idx)
     B = q.shape[0]
     _write_cache(cache[0], cache[1], k, v, step)
     if step.pos is not None:
-        k, v = cache[0][:B, :, :step.kv_len], cache[1][:B, :, :step.kv_len]
+        k, v = _read(cache[0][:B, :, :step.kv_len], q), _read(cache[1][:B, :, :step.kv_len], q)
     if probe is not None:
         _probe(probe, layer_idx, q, k, step.pos)
     return _attend(q, k, v, step)
+
+
+def _read(cached: Tensor, q: Tensor) -> Tensor:
+    """Cache entries in the query's dtype (a KV cache may be stored narrower than the activations)."""
+    return cached if cached.dtype == q.dtype else cached.to(q.dtype)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
@@ -225,8 +230,8 @@ def _write_cache(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor, step: S
         cache_k[:B, :, :T] = k
         cache_v[:B, :, :T] = v
     else:
-        cache_k[:B].scatter_(2, step.index, k)
-        cache_v[:B].scatter_(2, step.index, v)
+        cache_k[:B].scatter_(2, step.index, k.to(cache_k.dtype))
+        cache_v[:B].scatter_(2, step.index, v.to(cache_v.dtype))
 
 
 # --------------------------------------------------------------------------------------- Llama

@@ -9,8 +9,9 @@ set the logits directly.
 The layers keep the checkpoints' view: ``state_dict()`` gives the dequantised dense weight under
 the original key and shape (``[out, in]``, GPT-2's Conv1D ``[in, out]``), and loading a dense
 state dict quantises it, so LoRA merges, exports and checkpoint round trips see ordinary weights.
-The per-channel scale is held as the bit pattern of its fp32 values (an int32 buffer), so
-``.to(dtype)`` never rounds it; it is not a state-dict entry.
+The per-channel scale is held as the bit pattern of its fp32 values (an int32 buffer), and FP8
+weights as their bytes (an int8 buffer viewed as e4m3), so ``.to(dtype)`` (casting T3 to bf16,
+say) never rounds either; they are not state-dict entries.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.n_in, self.n_out, self.conv1d = n_in, n_out, conv1d
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=self.QDTYPE, device=device), persistent=False)
+        # Stored as int8 bytes whatever QDTYPE (Module.to(dtype) casts every floating buffer, float8 too).
+        self.register_buffer("qweight", torch.zeros(n_out, n_in, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("scale_bits", torch.zeros(n_out, dtype=torch.int32, device=device), persistent=False)
 
     @classmethod
@@ -86,6 +88,11 @@ class QuantLinear(nn.Module):
         return out
 
     @property
+    def q(self) -> Tensor:
+        """The 8-bit weights ``[out, in]`` in ``QDTYPE``."""
+        return self.qweight if self.QDTYPE == torch.int8 else self.qweight.view(self.QDTYPE)
+
+    @property
     def scale(self) -> Tensor:
         return self.scale_bits.view(torch.float32)
 
@@ -95,11 +102,11 @@ class QuantLinear(nn.Module):
 
     def _quantize_from(self, w_oi: Tensor) -> None:
         q, s = type(self).quantize(w_oi.to(self.qweight.device))
-        self.qweight.copy_(q)
+        self.qweight.copy_(q.view(torch.int8))
         self.scale_bits.copy_(s.view(torch.int32))
 
     def dense_oi(self, dtype=torch.float32) -> Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        return (self.q.float() * self.scale[:, None]).to(dtype)
 
     def dense_weight(self) -> Tensor:
         """The dequantised weight in the checkpoint layout (a new fp32 tensor)."""
@@ -173,7 +180,7 @@ class Fp8Linear(QuantLinear):
         xf = x2.float()
         sx = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
         x8 = (xf / sx).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(x8, self.qweight.t(), scale_a=sx, scale_b=self.scale[None, :],
+        y = torch._scaled_mm(x8, self.q.t(), scale_a=sx, scale_b=self.scale[None, :],
                              out_dtype=torch.bfloat16)[:M]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

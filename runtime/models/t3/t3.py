@@ -78,6 +78,16 @@ class T3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.speech_head.weight.dtype
 
+    # The KV cache's dtype when it differs from the activations' (chatterbox_rt.precision; None: the same).
+    kv_cache_dtype: Optional[torch.dtype] = None
+    # "int8" / "fp8" once the transformer's linears are 8-bit (chatterbox_rt.models.t3.quant.quantize_t3_).
+    weight_mode: Optional[str] = None
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype the KV cache is stored in (keys and values are read back in ``dtype``)."""
+        return self.kv_cache_dtype or self.dtype
+
     @classmethod
     def from_dummy(cls, variant: str, seed: int = 0, device="cpu", dtype=torch.float32, **overrides) -> "T3":
         """Real shapes, seeded random weights (benchmarks and tests; no checkpoint needed)."""
@@ -102,12 +112,12 @@ class T3(nn.Module):
         b = self.config.backbone
         max_len = -(-max_len // CACHE_LEN_QUANTUM) * CACHE_LEN_QUANTUM
         self._cache = None  # free the old one before allocating
-        self._cache = KVCache(b.num_layers, b.num_heads, b.head_dim, max_batch, max_len, self.dtype, self.device)
+        self._cache = KVCache(b.num_layers, b.num_heads, b.head_dim, max_batch, max_len, self.kv_dtype, self.device)
         return self._cache
 
     def _ensure_cache(self, batch: int, length: int) -> KVCache:
         c = self._cache
-        if c is None or not c.fits(batch, length, self.dtype, self.device):
+        if c is None or not c.fits(batch, length, self.kv_dtype, self.device):
             if c is not None:
                 batch, length = max(batch, c.max_batch), max(length, c.max_len)
                 log.info("growing T3 KV cache to batch %d, length %d", batch, length)
