@@ -368,16 +368,20 @@ def reference_side(ref_tts, clip: Path, text_ids: Callable[[int], torch.Tensor],
 
 def build_models(args, device: torch.device, dtype: torch.dtype):
     """-> (our TTS, the reference's TTS object or None)."""
+    from ..precision import PrecisionConfig, apply_t3, cast_frontend
     from ..tts import TTS
+
+    precision = getattr(args, "load_precision", None)
 
     if not args.compare_upstream:
         if args.ckpt:
-            return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype), None
+            return TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype, precision=precision), None
         from ..models.t3.config import smaller_backbone
         from .upstream import REDUCED
 
         overrides = smaller_backbone(args.variant, **REDUCED[args.variant]) if args.reduced_t3 else {}
-        return TTS.from_dummy(args.variant, seed=args.seed, device=device, dtype=dtype, **overrides), None
+        return TTS.from_dummy(args.variant, seed=args.seed, device=device, dtype=dtype, precision=precision,
+                              **overrides), None
 
     from .upstream import (build_s3gen_pair, build_t3_pair, build_voice_encoders, load_reference, ref_tts_class)
 
@@ -388,7 +392,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype):
         logging.getLogger(name).setLevel(logging.ERROR)
     cls = ref_tts_class(args.variant)
     if args.ckpt:
-        ours = TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype)
+        ours = TTS.from_local(args.ckpt, variant=args.variant, device=device, dtype=dtype, precision=precision)
         return ours, cls.from_local(args.ckpt, str(device))
 
     from ..text import dummy_text_frontend
@@ -403,11 +407,12 @@ def build_models(args, device: torch.device, dtype: torch.dtype):
         # its S3 tokenizer rejects; NumPy 1 (its pin) kept float32. Cast back, as it behaves there.
         norm = ref_tts.norm_loudness
         ref_tts.norm_loudness = lambda wav, sr, *a, **k: norm(wav, sr, *a, **k).astype("float32")
-    t3 = t3.to(device=device, dtype=dtype)
-    s3gen = s3gen.to_precision(device, dtype)
+    config = PrecisionConfig.resolve(precision, dtype, device)
+    t3 = apply_t3(t3.to(device=device), config)
+    s3gen = s3gen.to_precision(device, config=config)
     voice = dummy_voice(t3.config.speech_cond_prompt_len, seed=args.seed + 3)
-    ours = TTS(args.variant, t3, s3gen, ve.to(device), dummy_text_frontend(args.variant), voice,
-               source=f"the reference's random weights (seed {args.seed})")
+    ours = TTS(args.variant, t3, s3gen, cast_frontend(ve.to(device), config.dtype("frontends")),
+               dummy_text_frontend(args.variant), voice, source=f"the reference's random weights (seed {args.seed})")
     return ours, ref_tts
 
 
@@ -810,6 +815,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="chatterbox", choices=VARIANTS)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="fp32", help="our precision: fp32, bf16 or fp16 (the reference runs fp32)")
+    p.add_argument("--precision", dest="load_precision", default=None, metavar="MODE",
+                   help="our precision per module instead of --dtype: auto, fp32, bf16, fp16, int8 or fp8 "
+                        "(chatterbox_rt.PrecisionConfig)")
     p.add_argument("--tokens", type=int, default=250, help="speech tokens per request (default 250 = 10 s)")
     p.add_argument("--texts", metavar="FILE", help="UTF-8 file, one text per line; run i uses line i (cycling)")
     p.add_argument("--language", default=None, help="language id for the multilingual model (default en)")
@@ -976,6 +984,8 @@ def run(args) -> dict:
     print(f"bench: building {args.variant} ({'checkpoint ' + args.ckpt if args.ckpt else 'dummy weights'})"
           f"{' and the reference' if args.compare_upstream else ''} on {device} ...", flush=True)
     ours, ref_tts = build_models(args, device, dtype)
+    if ours.precision is not None:
+        env["precision_modules"] = ours.precision.describe()  # per module (env["precision"]: --dtype)
 
     with tempfile.TemporaryDirectory(prefix="chatterbox_rt_bench_") as tmp:
         clip = Path(args.voice) if args.voice else synthetic_clip(Path(tmp) / "voice.wav")

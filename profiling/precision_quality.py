@@ -49,6 +49,8 @@ MODES = {
     "bf16": PrecisionConfig.uniform("bf16"),
     "fp16": PrecisionConfig.uniform("fp16"),
     "int8": PrecisionConfig(t3_weights="int8"),
+    "auto (cpu)": PrecisionConfig.auto("cpu"),
+    "auto (cuda)": PrecisionConfig.auto("cuda"),
     "t3 bf16": PrecisionConfig(t3_activations="bf16"),
     "kv bf16": PrecisionConfig(kv_cache="bf16"),  # fp32 activations, the cache stored in bf16
     "kv fp16": PrecisionConfig(kv_cache="fp16"),
@@ -92,18 +94,19 @@ def t3_logits(tts: TTS, voice, text: str, forced: Optional[Tensor], steps: int) 
     B, P, _ = embeds.shape
     logits = t3.prefill(embeds, max_len=P + steps + 1).float()
     out, fed = [logits[0]], []
-    pos = torch.full((B,), P, dtype=torch.long)
-    speech_pos = torch.ones(B, dtype=torch.long) if t3.config.learned_pos_emb else None
+    dev = t3.device
+    pos = torch.full((B,), P, dtype=torch.long, device=dev)
+    speech_pos = torch.ones(B, dtype=torch.long, device=dev) if t3.config.learned_pos_emb else None
     for i in range(steps - 1):
         tok = forced[i] if forced is not None else int(out[-1].argmax())
         fed.append(int(tok))
-        logits = t3.decode_step(torch.tensor([int(tok)]), pos, speech_pos, kv_len=P + i + 1).float()
+        logits = t3.decode_step(torch.tensor([int(tok)], device=dev), pos, speech_pos, kv_len=P + i + 1).float()
         pos += 1
         if speech_pos is not None:
             speech_pos += 1
         out.append(logits[0])
     fed.append(int(out[-1].argmax()) if forced is None else int(forced[steps - 1]))
-    return torch.stack(out), torch.tensor(fed)
+    return torch.stack(out).cpu(), torch.tensor(fed)
 
 
 def t3_metrics(ref: Tensor, got: Tensor) -> dict:
@@ -136,12 +139,15 @@ def lsd_db(ref: Tensor, got: Tensor, n_fft: int = 1024, hop: int = 256, floor_db
 
 @torch.inference_mode()
 def s3gen_outputs(tts: TTS, voice, tokens: Tensor, noise: Tensor, seed: int, mel_in: Optional[Tensor] = None):
+    def gen():
+        return torch.Generator(device=tts.device).manual_seed(seed)
+
     mel = tts.s3gen_mel(tokens, voice, noise=noise).float()
-    wav = tts.s3gen_wav(mel, generator=torch.Generator().manual_seed(seed)).float()[0]
+    wav = tts.s3gen_wav(mel, generator=gen()).float()[0].cpu()
     hift_wav = None
     if mel_in is not None:
-        hift_wav = tts.s3gen_wav(mel_in, generator=torch.Generator().manual_seed(seed)).float()[0]
-    return mel, wav, hift_wav
+        hift_wav = tts.s3gen_wav(mel_in.to(tts.device), generator=gen()).float()[0].cpu()
+    return mel.cpu(), wav, hift_wav
 
 
 # ------------------------------------------------------------------------------ front ends
@@ -154,7 +160,7 @@ def frontend_outputs(tts: TTS, clip: np.ndarray):
     wav16 = resample(clip, 24000, 16000)
     ve = torch.from_numpy(tts.ve.embeds_from_wavs([wav16], sample_rate=16000)).float().reshape(-1)
     gen = tts.s3gen.embed_ref(clip)
-    return ve, gen["embedding"].float().reshape(-1), gen["prompt_token"].reshape(-1)
+    return ve, gen["embedding"].float().reshape(-1).cpu(), gen["prompt_token"].reshape(-1).cpu()
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -166,13 +172,13 @@ def cosine(a: Tensor, b: Tensor) -> float:
 
 def measure(variant: str = "nano", modes=None, *, steps: int = 200, s3_tokens: int = 100, seed: int = 0,
             text: str = "The quick brown fox jumps over the lazy dog, twice.", clip_seconds: float = 8.0,
-            parts=("t3", "s3gen", "frontends"), **t3_overrides) -> dict:
+            parts=("t3", "s3gen", "frontends"), device="cpu", **t3_overrides) -> dict:
     """The quality table for ``modes`` (names of :data:`MODES`, or name -> PrecisionConfig) -> {mode: metrics}."""
     if modes is None:
         modes = MODES
     elif not isinstance(modes, dict):
         modes = {m: MODES[m] for m in modes}
-    base = build(variant, PrecisionConfig(), seed, **t3_overrides)
+    base = build(variant, PrecisionConfig(), seed, device, **t3_overrides)
     voice = base.builtin_voice
     g = torch.Generator().manual_seed(seed + 7)
     tokens = torch.randint(0, 6561, (s3_tokens,), generator=g)
@@ -195,7 +201,7 @@ def measure(variant: str = "nano", modes=None, *, steps: int = 200, s3_tokens: i
         ref["fe"] = frontend_outputs(base, clip)
     del base
     for name, config in modes.items():
-        tts = build(variant, config, seed, **t3_overrides)
+        tts = build(variant, config, seed, device, **t3_overrides)
         row = {"config": config.describe()}
         if "t3" in parts:
             logits, _ = t3_logits(tts, voice, text, ref["tokens"], steps)
@@ -250,13 +256,14 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="t3,s3gen,frontends")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     modes = None if a.modes is None else [m.strip() for m in a.modes.split(",")]
     t0 = time.time()
     table = measure(a.variant, modes, steps=a.steps, s3_tokens=a.s3_tokens, seed=a.seed,
-                    parts=tuple(a.parts.split(",")))
+                    parts=tuple(a.parts.split(",")), device=a.device)
     print(f"variant {a.variant}, {a.steps} T3 steps, {a.s3_tokens} S3Gen tokens, seed {a.seed}; "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, "
           f"{time.time() - t0:.0f} s")

@@ -18,6 +18,9 @@
 #   bench        chatterbox-rt bench --dummy-weights --device cuda --compare-upstream --concurrency
 #                1,8,32 --stream -> OUTDIR/bench.json, OUTDIR/concurrency.png (without
 #                --compare-upstream, and a note saying so, when the reference does not import)
+#   tests-precision  pytest tests/unit/test_precision.py -k cuda (every mode on CUDA, the quality bounds)
+#   bench-MODE   chatterbox-rt bench --precision MODE (bf16, int8, fp8) at concurrency 1 and 16
+#                -> OUTDIR/bench_MODE.json
 #   tests-engine pytest tests/engine (CPU today: the engine on this machine's torch), last, in the
 #                time left
 # The whole run keeps inside GPU_CHECK_BUDGET_S (default 450 s, under 8 minutes): each step's timeout
@@ -189,6 +192,12 @@ fi
 # shellcheck disable=SC2206  # extra bench arguments, space-separated
 BENCH+=(${GPU_CHECK_BENCH_ARGS:-})
 step bench 240 "$PY" -m chatterbox_rt.cli bench "${BENCH[@]}"
+step tests-precision 60 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml "$OUT/tests_precision.xml" \
+  tests/unit/test_precision.py -k cuda
+for mode in bf16 int8 fp8; do  # issue 13: each mode against the fp32 bench above, batch 1 and 16
+  step "bench-$mode" 45 "$PY" -m chatterbox_rt.cli bench --dummy-weights --device cuda --precision "$mode" \
+    --tokens 100 --runs 2 --concurrency 1,16 --json "$OUT/bench_$mode.json"
+done
 step tests-engine 120 "$PY" -m pytest -q -m "not slow" -rs -p no:cacheprovider --junitxml "$OUT/tests_engine.xml" \
   tests/engine
 

@@ -50,6 +50,7 @@ def test_resolve_modes():
     assert r("bf16") == PrecisionConfig(t3_activations="bf16", flow_encoder="bf16", cfm="bf16", hift="bf16")
     assert r("bf16").frontends == "fp32"
     assert r("int8", device="cpu") == AUTO["cpu"].with_(t3_weights="int8")
+    assert r("int8", device="cuda").t3_weights == "int8"
     assert r("auto", device="cpu") == AUTO["cpu"]
     assert r("auto", device="cuda") == AUTO["cuda"]
     cfg = PrecisionConfig(cfm="bf16")
@@ -69,10 +70,10 @@ def test_fp8_refused_where_it_cannot_run():
         PrecisionConfig.resolve("fp8", device="cpu")
 
 
-def test_auto_defaults_hold_their_bounds():
-    """A default is a mode whose measured quality is inside its bound (BENCHMARKS.md)."""
-    for config in AUTO.values():
-        assert config.t3_weights is None or config.t3_weights in QUALITY_BOUNDS
+def test_every_default_has_a_documented_bound():
+    """A default is a mode with a bound that the quality tests below check."""
+    for kind, config in AUTO.items():
+        assert pq.MODES[f"auto ({kind})"] == config and f"auto ({kind})" in QUALITY_BOUNDS
 
 
 # ------------------------------------------------------------------------------ the models
@@ -146,11 +147,14 @@ def test_other_backends_refuse_a_precision():
 
 @pytest.fixture(scope="module")
 def quality():
-    modes = {k: pq.MODES[k] for k in ("bf16", "fp16", "int8")}
+    modes = {k: pq.MODES[k] for k in QUALITY_MODES}
     return pq.measure("nano", modes, steps=40, s3_tokens=30, **SMALL)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp16", "int8"])
+QUALITY_MODES = ("bf16", "fp16", "int8", "auto (cpu)", "auto (cuda)")
+
+
+@pytest.mark.parametrize("mode", QUALITY_MODES)
 def test_quality_within_documented_bounds(quality, mode):
     row, bound = quality[mode], QUALITY_BOUNDS[mode]
     for metric, limit in bound.items():
@@ -205,3 +209,31 @@ def test_cli_precision(tmp_path):
         r = _cli("synth", "Hi.", "-o", str(tmp_path / "b.wav"), "--dummy-weights", "--variant", "nano", *bad)
         assert r.returncode != 0 and msg in r.stderr, r.stderr
         assert not (tmp_path / "b.wav").exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------------------------ GPU (skips without one)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16/int8 Triton/fp8 paths)")
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8", "auto", "fp8"])
+def test_modes_on_cuda(precision):
+    if precision == "fp8" and fp8_supported("cuda"):
+        pytest.skip(fp8_supported("cuda"))
+    tts = TTS.from_dummy("nano", seed=0, device="cuda", precision=precision, **SMALL)
+    wav = tts.generate("Hello there.", seed=0, max_new_tokens=12, n_steps=1, watermark=False)
+    assert bool(torch.isfinite(wav).all()) and wav.shape[-1] > 0
+
+
+@CUDA
+def test_quality_bounds_on_cuda():
+    modes = {k: pq.MODES[k] for k in ("bf16", "int8")}
+    table = pq.measure("nano", modes, steps=40, s3_tokens=30, device="cuda", **SMALL)
+    for mode, row in table.items():
+        if mode not in QUALITY_BOUNDS:
+            continue
+        for metric, limit in QUALITY_BOUNDS[mode].items():
+            if metric in row:
+                ok = row[metric] >= limit if metric in pq.HIGHER_IS_BETTER else row[metric] <= limit
+                assert ok, f"{mode} on CUDA: {metric} {row[metric]:.4g} vs bound {limit}"
