@@ -288,7 +288,7 @@ class ConditionalDecoder(nn.Module):
     def time_embedding(self, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
         """t (and, for meanflow, r): [B] or [1] -> [B or 1, time_embed_dim] in the estimator's dtype.
 
-        An fp32 island when the estimator runs in bf16/fp16 (``TIME_FP32_PARTS`` stay fp32): the
+        An fp32 island when the estimator runs in bf16/fp16 (s3gen.CFM_FP32_PARTS stay fp32): the
         sinusoid of ``1000 t`` and its MLP lose most where t is small, and keeping them (and t)
         in fp32 halved the 10-step CFM's bf16 mel error (BENCHMARKS.md, "Precision")."""
         dt = self.time_mlp.linear_1.weight.dtype
