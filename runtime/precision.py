@@ -171,9 +171,6 @@ class PrecisionConfig:
             why = fp8_supported(dev)
             if why:
                 raise ValueError(f"precision: t3_weights='fp8' cannot run here: {why}; use 'int8'")
-        if dev.type == "cpu" and "fp16" in (self.t3_activations, self.kv_cache):
-            # oneDNN/ATen fp16 matmuls on a CPU are emulated and far slower than fp32; still valid.
-            pass
 
 
 # The documented quality bound of each mode against fp32 (profiling/precision_quality.py's metrics;
