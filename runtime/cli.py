@@ -3,9 +3,9 @@
 * ``demo``: T3 (text -> speech tokens) for one or every variant, reporting its decode speed.
 * ``synth TEXT -o out.wav``: text to 24 kHz audio, in the format the extension or ``--format``
   names (``chatterbox_rt.audio_out``: WAV, FLAC, MP3, Ogg/Vorbis, Opus, raw PCM), written
-  atomically; ``-o -`` is standard output. Long text is split into sentences
-  (:func:`split_text`, then :func:`fit_tokens` for the model's text limit), each is synthesised,
-  and they are joined with a short silence.
+  atomically; ``-o -`` is standard output. Long text is split into segments
+  (``chatterbox_rt.longtext``: sentences, then the model's text limit) that run as one batch
+  through the engine and are joined with a short pause, with a progress bar.
 * ``vc SOURCE -o out.wav --target clip.wav``: voice conversion (the same outputs).
 * ``voices add|list|remove``: the persistent voice library (``chatterbox_rt.voices``).
 * ``bench``: per-stage speed, optionally against the reference (``chatterbox_rt.profiling.bench``).
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import VARIANTS, __version__
+from .longtext import JOIN_PAUSE_S, MAX_SEGMENT_CHARS, fit_tokens, split_text  # noqa: F401 (public here too)
 
 # The top-level --help text (the module docstring above is Sphinx markup, for the API docs).
 DESCRIPTION = """\
@@ -270,114 +270,61 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # synth / vc / voices
 # ----------------------------------------------------------------------------------------------
-MAX_CHUNK_CHARS = 300  # text per T3 call; the reference models are trained on sentence-length text
-SENTENCE_GAP_S = 0.2  # silence between synthesised chunks
+MAX_CHUNK_CHARS = MAX_SEGMENT_CHARS  # text per T3 request (chatterbox_rt.longtext)
+SENTENCE_GAP_S = JOIN_PAUSE_S  # silence between the segments of a long text
 DUMMY_VARIANT = "chatterbox"
+POST_CHOICES = ("clean",)  # chatterbox_rt.post.POST_MODES (not imported here: the parser loads no numpy)
+PROGRESS_POLL_S = 0.2  # how often the progress bar looks at a long text's segments
 # Random weights rarely emit the end-of-speech token, so dummy runs stop here unless told otherwise.
 DUMMY_MAX_NEW_TOKENS = 50
-# A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by white space;
-# "3.14" and "e.g.," therefore do not split, "Dr. Smith" does.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?][\"'”’)\]])\s+|(?<=[.!?])\s+")
-_SOFT_BREAK = re.compile(r"[,;:]\s")
 
 
 def _note(msg: str) -> None:
     print(f"chatterbox-rt: {msg}", file=sys.stderr)
 
 
-def _first_cut(sentence: str, max_chars: int) -> tuple[str, str]:
-    """(head, rest): ``head`` at most ``max_chars`` characters, cut after the last ', ; :' in
-    reach, else at the last space, else hard."""
-    head = sentence[: max_chars + 1]
-    soft = [m.end() for m in _SOFT_BREAK.finditer(head)]
-    cut = soft[-1] if soft else head.rfind(" ") + 1
-    if cut <= 0:
-        cut = max_chars
-    return sentence[:cut].strip(), sentence[cut:].strip()
-
-
-def _cut_long(sentence: str, max_chars: int) -> list[str]:
-    """A sentence longer than ``max_chars`` -> pieces at the last ', ; :' in reach, else the last
-    space, else a hard cut."""
-    out = []
-    while len(sentence) > max_chars:
-        piece, sentence = _first_cut(sentence, max_chars)
-        out.append(piece)
-    if sentence:
-        out.append(sentence)
-    return out
-
-
-def fit_tokens(chunks: list, n_tokens: Callable[[str], int], limit: int) -> list:
-    """Chunks -> chunks of at most ``limit`` tokens (``n_tokens(text)`` counts them): a chunk over
-    the limit is cut, as :func:`split_text` cuts long sentences, at the last ', ; :' or space
-    within the longest prefix that fits (found by bisection), else hard; the rest is cut again
-    until it fits. ValueError if not even one character fits."""
-    out = []
-    for chunk in chunks:
-        rest = chunk
-        while rest:
-            if n_tokens(rest) <= limit:
-                out.append(rest)
-                break
-            lo, hi = 0, len(rest)  # rest[:lo] fits (0: nothing yet), rest[:hi] does not
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if n_tokens(rest[:mid].strip()) <= limit:
-                    lo = mid
-                else:
-                    hi = mid
-            if lo == 0:
-                raise ValueError(f"the model takes at most {limit} text token(s) per call, too few for even "
-                                 f"{rest[:1]!r}")
-            piece, tail = _first_cut(rest, lo)
-            if not piece or n_tokens(piece) > limit:  # the break landed badly: cut where it is known to fit
-                piece, tail = rest[:lo].strip(), rest[lo:].strip()
-            out.append(piece)
-            rest = tail
-    return out
-
-
-def split_text(text: str, max_chars: int = MAX_CHUNK_CHARS) -> list[str]:
-    """Text -> chunks of at most ``max_chars`` characters, one T3 call each.
-
-    The splitter is deliberately simple: the text breaks at newlines and after ``.``, ``!`` or ``?``
-    (optionally followed by a closing quote or bracket) followed by white space; a sentence longer
-    than ``max_chars`` breaks at its last comma/semicolon/colon or space in reach. Adjacent pieces are
-    then packed greedily, joined by a space, while the chunk stays within ``max_chars`` (so text
-    hard-wrapped at newlines comes back together). White space inside a piece is collapsed.
-    """
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
-    pieces = []
-    for line in text.splitlines():
-        for sentence in _SENTENCE_BREAK.split(line):
-            sentence = " ".join(sentence.split())
-            if sentence:
-                pieces.extend(_cut_long(sentence, max_chars))
-    chunks: list[str] = []
-    for piece in pieces:
-        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
-            chunks[-1] = f"{chunks[-1]} {piece}"
-        else:
-            chunks.append(piece)
-    return chunks
-
-
-def _progress(items: list, desc: str):
-    """Iterate with a tqdm bar when tqdm is installed (not a dependency), else a stderr counter."""
+def _wait_with_progress(req, n: int, desc: str):
+    """An engine request's result, with a bar over its segments (tqdm when installed, else a
+    stderr counter) when there are two or more."""
+    if n < 2:
+        return req.result()
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    if tqdm is not None:
-        yield from tqdm(items, desc=desc, unit="chunk", file=sys.stderr, disable=True if len(items) < 2 else None)
-        return
-    for i, item in enumerate(items):
-        if len(items) > 1:
-            print(f"\r{desc}: {i + 1}/{len(items)}", end="" if i + 1 < len(items) else "\n", file=sys.stderr,
-                  flush=True)
-        yield item
+    bar = tqdm(total=n, desc=desc, unit="segment", file=sys.stderr) if tqdm is not None else None
+    shown = 0
+    try:
+        while not req.done():
+            req._done.wait(PROGRESS_POLL_S)
+            done = req.progress[0] if hasattr(req, "progress") else 0
+            if done != shown:
+                if bar is not None:
+                    bar.update(done - shown)
+                else:
+                    print(f"\r{desc}: {done}/{n} segments", end="", file=sys.stderr, flush=True)
+                shown = done
+        wav = req.result()
+        if bar is not None:
+            bar.update(n - shown)
+        elif shown < n:
+            print(f"\r{desc}: {n}/{n} segments", file=sys.stderr, flush=True)
+        return wav
+    except BaseException:
+        req.cancel()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_post_option(args) -> None:
+    from .post import check_post
+
+    try:
+        check_post(getattr(args, "post", None))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--post: {e}") from None
 
 
 def _need_file(path, what: str) -> Path:
@@ -703,13 +650,14 @@ def _text_limit(tts, voice, max_new: Optional[int]) -> int:
 
 
 def cmd_synth(args) -> int:
-    import torch
-
     from . import audio_out
     from .voice import check_exaggeration
 
-    chunks = split_text(_read_text(args))
+    text = _read_text(args)
     target, fmt = _output_target(args)
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    _check_post_option(args)
     _check_model_options(args)
     variant = _variant(args)  # None: a named --t3-file decides; the checks below then follow the load
     _check_tokens(args.max_new_tokens, variant, "--max-new-tokens/--tokens")
@@ -759,23 +707,18 @@ def cmd_synth(args) -> int:
         sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None and k not in ignored}
         if max_new is not None:
             sampling["max_new_tokens"] = max_new
-        limit = _text_limit(tts, voice, max_new)
-        chunks = fit_tokens(chunks, lambda t: int(tts.text_tokens(t, language).numel()), limit)
-
-        gap = torch.zeros(int(SENTENCE_GAP_S * tts.sr))
-        pieces = []
+        _text_limit(tts, voice, max_new)  # a --max-new-tokens that leaves no room for text: said in CLI terms
+        chunks = tts.segments(text, voice, language_id=language, max_new_tokens=max_new)
         t0 = time.perf_counter()
-        for i, chunk in enumerate(_progress(chunks, "synthesising")):
-            wav = tts.generate(chunk, voice, seed=args.seed, language_id=language, watermark=False,
-                               exaggeration=args.exaggeration, **sampling)
-            if i:
-                pieces.append(gap)
-            pieces.append(wav.reshape(-1))
-        wav = torch.cat(pieces)
-        if not args.no_watermark:
-            from .watermark import watermark_output
-
-            wav = watermark_output(wav, tts.sr)  # once over the joined audio
+        # The segments run as one batch through the engine (chatterbox_rt.longtext), joined there.
+        engine = tts.default_engine() if args.batch is None else tts.engine(max_batch=args.batch)
+        try:
+            req = engine.submit(text, voice, seed=args.seed, language_id=language, watermark=not args.no_watermark,
+                                post=args.post, exaggeration=args.exaggeration, **sampling)
+            wav = _wait_with_progress(req, len(chunks), "synthesising").reshape(-1)
+        finally:
+            if args.batch is not None:
+                engine.close(wait=False)
         dt = time.perf_counter() - t0
         audio_out.write(sink, wav, tts.sr, fmt)
         seconds = wav.numel() / tts.sr
@@ -1036,9 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="text -> 24 kHz audio file (WAV, FLAC, MP3, Ogg, Opus, raw PCM)",
                        description="Synthesise TEXT ('-' reads standard input) into 24 kHz mono audio (16-bit WAV "
                                    "by default; the output's extension or --format picks another). Long text is "
-                                   f"split into sentences (chunks of at most {MAX_CHUNK_CHARS} characters, cut "
-                                   "further where one would exceed the model's text limit), joined with "
-                                   f"{SENTENCE_GAP_S:g} s of silence.")
+                                   f"split into segments (sentences packed into at most {MAX_CHUNK_CHARS} characters, "
+                                   "about 20 s of speech, cut further where one would exceed the model's text "
+                                   "limit) that are decoded together, --batch at a time, and joined with "
+                                   f"{SENTENCE_GAP_S:g} s of silence; a progress bar counts them.")
     s.add_argument("text", nargs="?", default=None, metavar="TEXT", help="text to speak, or '-' for standard input")
     s.add_argument("--text-file", metavar="PATH", default=None, help="read the text from a UTF-8 file")
     _audio_output_options(s)
@@ -1062,6 +1006,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float)
     s.add_argument("--cfg-weight", type=float)
     s.add_argument("--no-watermark", action="store_true", help="skip the PerthNet output watermark")
+    s.add_argument("--post", choices=POST_CHOICES, default=None,
+                   help="post-process the output before the watermark: 'clean' removes DC and rumble "
+                        "(high-pass) and limits peaks to -1 dBFS")
+    s.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="segments of a long text decoded at once (default 4: the default engine's)")
     s.set_defaults(func=cmd_synth)
 
     c = sub.add_parser("vc", help="voice conversion: SOURCE speech in the target voice -> audio file",

@@ -381,6 +381,29 @@ class TTS(S3GenPipeline):
         Turbo/Nano what their shared positions leave after the voice's prompt and the speech."""
         return self.t3.max_text_tokens(self._voice(voice).t3, max_new_tokens)
 
+    def segments(self, text: str, voice: Optional[Voice] = None, *, language_id: Optional[str] = None,
+                 max_new_tokens: Optional[int] = None, split: Optional[bool] = None) -> list[str]:
+        """The pieces ``generate``/``stream``/``Engine.submit`` run ``text`` as
+        (``chatterbox_rt.longtext.segment_text``): the text itself when it fits one segment (about
+        20 s of speech, and the model's text-token limit with ``voice`` and ``max_new_tokens``),
+        else segments cut at sentence ends, then clause marks and commas, then words. ``split``:
+        None (default) as said, True always splits at sentence ends, False never."""
+        from .longtext import segment_text
+
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text is empty (or only whitespace): there is nothing to say")
+        if split not in (None, True, False):
+            raise TypeError(f"split must be None, True or False, got {split!r}")
+        if split is False:
+            return [text]
+        limit = self.max_text_tokens(voice, max_new_tokens)
+        count = getattr(getattr(self, "frontend", None), "token_ids", None)
+        n_tokens = (lambda t: len(count(t, language_id))) if count is not None else \
+            (lambda t: int(self.text_tokens(t, language_id).numel()))
+        return segment_text(text, n_tokens, max(limit, 1), split=split)
+
     def t3_tokens(self, text: str, voice: Optional[Voice] = None, *, max_new_tokens: Optional[int] = None,
                   language_id: Optional[str] = None, seed: Optional[int] = None,
                   generator: Optional[torch.Generator] = None, exaggeration: Optional[float] = None,
@@ -410,14 +433,31 @@ class TTS(S3GenPipeline):
     def generate(self, text: str, voice: Optional[Voice] = None, *, seed: Optional[int] = None,
                  language_id: Optional[str] = None, watermark: bool = True, exaggeration: Optional[float] = None,
                  max_new_tokens: Optional[int] = None, n_steps: Optional[int] = None, stop_on_eos: bool = True,
-                 **sampling) -> Tensor:
+                 post: Optional[str] = None, split: Optional[bool] = None, **sampling) -> Tensor:
         """Text -> 24 kHz waveform ``[1, N]`` (CPU float32), watermarked unless ``watermark=False``.
 
         ``seed`` makes the call reproducible (T3 sampling, CFM noise and HiFT's source noise all
         draw from one generator). ``exaggeration`` overrides the voice's (Llama variants).
         With upstream's multilingual behaviour (V3, the Single Language Pack) the audio of the
-        final speech token is dropped, as upstream does."""
+        final speech token is dropped, as upstream does. ``post="clean"``: DC removal, high-pass
+        and peak limiting (``chatterbox_rt.post``) before the watermark.
+
+        Long text (see ``segments``; ``split``) runs through the default engine as one batch of
+        segments, each with a seed derived from ``seed``, joined with a short pause;
+        ``max_new_tokens`` bounds each segment."""
+        from .post import apply_post, check_post
+
         check_n_steps(n_steps)
+        post = check_post(post)
+        if len(self.segments(text, voice, language_id=language_id, max_new_tokens=max_new_tokens, split=split)) > 1:
+            if exaggeration is not None:
+                sampling["exaggeration"] = exaggeration
+            if max_new_tokens is not None:
+                sampling["max_new_tokens"] = max_new_tokens
+            req = self.default_engine().submit(text, voice, seed=seed, language_id=language_id, watermark=watermark,
+                                               n_steps=n_steps, stop_on_eos=stop_on_eos, post=post, split=split,
+                                               **sampling)
+            return req.result()
         generator = make_generator(seed, self.device)
         tokens = self.t3_tokens(text, voice, max_new_tokens=max_new_tokens, language_id=language_id,
                                 generator=generator, exaggeration=exaggeration, stop_on_eos=stop_on_eos,
@@ -433,6 +473,8 @@ class TTS(S3GenPipeline):
             # Upstream: the last token is "emitted just before EOS with degraded attention and
             # decodes to ~40 ms of noise" (mtl_tts.generate at 5de7a54).
             wav = wav[:, : max(1, tokens.numel() - 1) * SAMPLES_PER_TOKEN]
+        if post is not None:
+            wav = apply_post(wav, self.sr, post)
         return self._finish(wav, watermark)
 
     # ------------------------------------------------------------------ the engine
@@ -455,7 +497,8 @@ class TTS(S3GenPipeline):
     def stream(self, text: str, voice: Optional[Voice] = None, **kw):
         """Yield the waveform of ``generate(text, voice, **kw)`` as CPU float32 chunks ``[n_i]``
         while it is produced (every ``chunk_tokens`` speech tokens, default 25, after a first
-        chunk of ``first_chunk_tokens``, default 10). Same arguments as ``generate`` plus those.
+        chunk of ``first_chunk_tokens``, default 20). Same arguments as ``generate`` plus those
+        (``post``, ``split`` included: a long text streams its segments in order).
         Leaving the loop early cancels the request."""
         req = self.default_engine().submit(text, voice, stream=True, **kw)
         try:

@@ -38,6 +38,7 @@ from ..models.s3gen.s3gen import S3GEN_SIL
 from ..models.t3.config import SPEECH_CODEBOOK_SIZE
 from ..models.t3.request import T3Request
 from ..profiling import nvtx
+from .longtext import LongRequest, OutputChain
 from .request import CANCELLED, DONE, FAILED, Request
 from .cfm_graphs import CFMGraphs
 from .s3gen_runner import S3GenWorkspace, Utterance, decode_batch, group_utterances
@@ -78,7 +79,8 @@ class _Job:
     slot: Optional[int] = None
     next_cut: int = 0
     stream_state: object = None
-    stream_wm: object = None
+    post: Optional[str] = None
+    out_chain: object = None  # the streamed output's post-processing and watermark (longtext.OutputChain)
     stream_sent: int = 0  # samples handed to the watermarker / request so far
     held: list = field(default_factory=list)
 
@@ -182,23 +184,32 @@ class Engine:
 
     def submit(self, text: str, voice=None, *, seed: Optional[int] = None, language_id: Optional[str] = None,
                stream: bool = False, chunk_tokens: Optional[int] = None, first_chunk_tokens: Optional[int] = None,
-               **kw) -> Request:
+               post: Optional[str] = None, split: Optional[bool] = None, **kw) -> Request:
         """Queue one synthesis and return its ``Request`` at once. ``kw``: what ``TTS.generate``
         takes (sampling arguments, ``exaggeration``, ``max_new_tokens``, ``n_steps``,
         ``stop_on_eos``, ``watermark``). Bad input raises here, as ``TTS.generate`` would, and
-        nothing is queued."""
-        from ..tts import SAMPLING_ARGS, check_n_steps, make_generator
+        nothing is queued.
+
+        Long text: a text longer than one segment (``chatterbox_rt.longtext``; ``split``: None
+        splits only when needed, True always at sentence ends, False never) runs as one request per
+        segment, queued together so they batch, each with its own seed derived from ``seed``; the
+        returned ``LongRequest`` gives their audio joined in order (streamed in order with
+        ``stream=True``). ``max_new_tokens`` bounds each segment. ``post="clean"``: post-processing
+        (``chatterbox_rt.post``) of the output, before the watermark."""
+        from ..longtext import segment_seed
+        from ..post import check_post
+        from ..tts import SAMPLING_ARGS, check_n_steps
 
         if self._closing:
             raise EngineClosed("this engine is closed")
         unknown = sorted(set(kw) - set(SAMPLING_ARGS) - set(ENGINE_ARGS))
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown}; expected some of "
-                            f"{list(SAMPLING_ARGS) + list(ENGINE_ARGS)}")
+                            f"{list(SAMPLING_ARGS) + list(ENGINE_ARGS) + ['post', 'split']}")
         if stream and getattr(self.tts, "backend", "torch") != "torch":
             raise ValueError(f"stream=True needs the torch backend (its streaming flow and HiFT state); this model "
                              f"runs on {self.tts.backend}: submit without stream=True for the whole utterance")
-        sampling = {k: kw[k] for k in SAMPLING_ARGS if k in kw}
+        post = check_post(post)
         tts = self.tts
         v = tts._voice(voice)
         if kw.get("exaggeration") is not None:
@@ -208,6 +219,35 @@ class Engine:
             seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
         elif not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        chunk = _check_chunk(self.chunk_tokens if chunk_tokens is None else chunk_tokens, "chunk_tokens")
+        first = _check_chunk(self.first_chunk_tokens if first_chunk_tokens is None else first_chunk_tokens,
+                             "first_chunk_tokens")
+        watermark = bool(kw.get("watermark", True))
+        segments = tts.segments(text, v, language_id=language_id, max_new_tokens=kw.get("max_new_tokens"),
+                                split=split)
+        if len(segments) == 1:
+            job = self._job(segments[0], v, seed, language_id, kw, n_steps, stream, chunk, first, watermark, post)
+            self._enqueue([job])
+            return job.request
+        parent = LongRequest(next(self._ids), text, segments, stream=bool(stream), engine=self, sr=tts.sr,
+                             post=post, watermark=watermark)
+        # Only the first segment streams (quick first audio); the rest decode whole, in batches.
+        jobs = [self._job(seg, v, segment_seed(seed, i), language_id, kw, n_steps, bool(stream) and i == 0,
+                          chunk, first, False, None)
+                for i, seg in enumerate(segments)]
+        for i, job in enumerate(jobs):
+            job.request.parent, job.request.index = parent, i
+            parent.children.append(job.request)
+        self._enqueue(jobs)
+        return parent
+
+    def _job(self, text: str, v, seed: int, language_id, kw: dict, n_steps, stream: bool, chunk: int, first: int,
+             watermark: bool, post: Optional[str]) -> _Job:
+        """One T3 request's engine record (validated; not queued)."""
+        from ..tts import SAMPLING_ARGS, make_generator
+
+        tts = self.tts
+        sampling = {k: kw[k] for k in SAMPLING_ARGS if k in kw}
         ids = tts.text_tokens(text, language_id)
         generator = make_generator(seed, self.device)
         t3req = T3Request(tts.t3, v.t3, ids, max_new_tokens=kw.get("max_new_tokens"), generator=generator,
@@ -216,21 +256,20 @@ class Engine:
             raise ValueError(f"this request needs {t3req.cache_len} KV-cache entries (prompt {t3req.P} + up to "
                              f"{t3req.n_max} speech tokens) and this engine's slots hold {self.max_len}: "
                              "lower max_new_tokens, split the text, or build the Engine with a larger max_len")
-        chunk = _check_chunk(self.chunk_tokens if chunk_tokens is None else chunk_tokens, "chunk_tokens")
-        first = _check_chunk(self.first_chunk_tokens if first_chunk_tokens is None else first_chunk_tokens,
-                             "first_chunk_tokens")
         req = Request(next(self._ids), text, stream=bool(stream), engine=self)
         req.metrics.n_text_tokens = int(ids.numel())
-        job = _Job(req, t3req, v, generator, n_steps, bool(kw.get("watermark", True)), bool(stream), chunk, first,
-                   next_cut=first)
+        return _Job(req, t3req, v, generator, n_steps, watermark, bool(stream), chunk, first, next_cut=first,
+                    post=post)
+
+    def _enqueue(self, jobs: list) -> None:
         with self._cv:
             if self._closing:
                 raise EngineClosed("this engine is closed")
-            self._queue.append(job)
-            self._live[req.id] = job
-            self._counts["submitted"] += 1
+            for job in jobs:
+                self._queue.append(job)
+                self._live[job.request.id] = job
+                self._counts["submitted"] += 1
             self._cv.notify_all()
-        return req
 
     def generate_batch(self, texts: Sequence[str], voices=None, **kw) -> list[Tensor]:
         """Synthesise every text (batched) -> one waveform ``[1, N]`` each, in order. ``voices``:
@@ -566,11 +605,10 @@ class Engine:
             wav = wav[: self._keep_samples(job, wav.shape[-1])]
             with nvtx.range("to_host", "io"):
                 wav = _to_host(wav, ready)
-            if job.watermark:
-                from ..watermark import watermark_output
-
-                with nvtx.range("watermark"):
-                    wav = watermark_output(wav[None], self.tts.sr)[0]
+            with nvtx.range("post_watermark"):
+                chain = OutputChain(self.tts.sr, job.post, job.watermark, stream=False)
+                chain.push(wav)
+                wav = chain.flush()
             job.request._emit(wav)
             self._end(job, DONE)
         except Exception as e:  # noqa: BLE001
@@ -621,14 +659,12 @@ class Engine:
                 n_out = max(0, pending.numel() - SAMPLES_PER_TOKEN)
                 chunk, job.held = pending[:n_out], [pending[n_out:]]
         job.stream_sent += chunk.numel()
-        if job.watermark:
-            from ..watermark import StreamWatermarker
-
-            if job.stream_wm is None:
-                job.stream_wm = StreamWatermarker(self.tts.sr)
-            chunk = job.stream_wm.push(chunk)
+        if job.watermark or job.post is not None:
+            if job.out_chain is None:
+                job.out_chain = OutputChain(self.tts.sr, job.post, job.watermark, stream=True)
+            chunk = job.out_chain.push(chunk)
             if final:
-                chunk = torch.cat([chunk, job.stream_wm.flush()])
+                chunk = torch.cat([chunk, job.out_chain.flush()])
         req._emit(chunk)
         if final:
             self._end(job, DONE)

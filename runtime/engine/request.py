@@ -73,6 +73,9 @@ class Request:
         self._cancel_requested = False
         self.t_submit = time.perf_counter()
         self.t_admit: Optional[float] = None
+        # A segment of a long text: its audio and end go to the LongRequest (engine.longtext).
+        self.parent = None
+        self.index = 0
 
     def __repr__(self) -> str:
         return f"Request(id={self.id}, status={self._status!r}, tokens={self.metrics.n_tokens})"
@@ -173,6 +176,8 @@ class Request:
                 self._status = RUNNING
         self.t_admit = time.perf_counter()
         self.metrics.queue_ms = self._ms()
+        if self.parent is not None:
+            self.parent._child_running(self)
 
     def _emit(self, chunk: Tensor) -> None:
         if self._status in FINAL_STATUSES or chunk.numel() == 0:
@@ -181,6 +186,9 @@ class Request:
             self.metrics.first_audio_ms = self._ms()
         chunk = chunk.reshape(-1)
         self.metrics.n_samples += int(chunk.numel())
+        if self.parent is not None:
+            self.parent._child_chunk(self, chunk)
+            return
         self._audio.append(chunk)
         self._chunks.put(chunk)
 
@@ -196,4 +204,6 @@ class Request:
         self.metrics.total_ms = self._ms()
         self._chunks.put(_END)
         self._done.set()
+        if self.parent is not None:
+            self.parent._child_end(self, status, error)
         return True

@@ -2,7 +2,8 @@
 
 Routes (OpenAI's audio API where it has one; its request fields and error shape):
 
-* ``POST /v1/audio/speech``: ``model``, ``input`` (at most 4096 characters), ``voice`` (a library
+* ``POST /v1/audio/speech``: ``model``, ``input`` (at most ``MAX_INPUT_CHARS``, 100 000 characters,
+  more than OpenAI's 4096: a long text runs as a batch of segments, ``chatterbox_rt.longtext``), ``voice`` (a library
   voice id, ``default`` for the checkpoint's built-in voice, one of OpenAI's stock names, which map
   to the built-in voice unless ``voice_aliases`` says otherwise, or ``{"id": ...}``),
   ``instructions`` (accepted and ignored: Chatterbox takes no style prompt), ``response_format``
@@ -11,7 +12,8 @@ Routes (OpenAI's audio API where it has one; its request fields and error shape)
   them; "sse": ``speech.audio.delta`` events with base64 audio, then ``speech.audio.done`` with
   ``usage``). Chatterbox's own settings are optional extra fields: ``exaggeration``,
   ``cfg_weight``, ``temperature``, ``top_p``, ``min_p``, ``top_k``, ``repetition_penalty``,
-  ``seed``, ``language``, ``max_new_tokens``; and ``stream`` (default true; false waits for the whole utterance, which
+  ``seed``, ``language``, ``max_new_tokens`` (per segment of a long text), ``post`` ("clean": DC removal,
+  high-pass and a peak limiter before the watermark, ``chatterbox_rt.post``); and ``stream`` (default true; false waits for the whole utterance, which
   is decoded in one piece, and answers with its length). An unknown field is a 400 naming it.
 * ``GET /v1/models``; ``GET/POST /v1/audio/voices``, ``DELETE /v1/audio/voices/{id}`` (the
   voice library: a multipart ``file`` clip and a ``name``); ``GET /health`` (alive), ``GET /ready``
@@ -49,9 +51,10 @@ from ..voice import VOICE_FAMILY
 
 log = logging.getLogger("chatterbox_rt.serve")
 
-MAX_INPUT_CHARS = 4096
+MAX_INPUT_CHARS = 100_000  # a chapter: it runs as a batch of segments (chatterbox_rt.longtext)
+MAX_INSTRUCTIONS_CHARS = 4096  # OpenAI's limit; the field is accepted and ignored
 DEFAULT_MAX_QUEUE = 64
-DEFAULT_MAX_BODY = 1 << 20  # JSON bodies: 4096 characters of text fit many times over
+DEFAULT_MAX_BODY = 1 << 20  # JSON bodies: 100 000 characters of text fit (JSON-escaped non-ASCII too)
 DEFAULT_MAX_UPLOAD = 25 << 20  # a voice clip (a minute of 48 kHz float WAV is 11 MB)
 DEFAULT_TIMEOUT_S = 600.0
 RETRY_AFTER_S = 1
@@ -92,7 +95,7 @@ class SpeechRequest(BaseModel):
     model: str
     input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
     voice: Union[str, VoiceRef]
-    instructions: Optional[str] = Field(default=None, max_length=MAX_INPUT_CHARS)
+    instructions: Optional[str] = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
@@ -108,6 +111,7 @@ class SpeechRequest(BaseModel):
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     language: Optional[str] = None
     max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    post: Optional[Literal["clean"]] = None
 
 
 SAMPLING_FIELDS = ("cfg_weight", "temperature", "top_p", "min_p", "top_k", "repetition_penalty")
@@ -302,7 +306,8 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
             encoder = StreamEncoder(fmt, SAMPLE_RATE) if stream else None
-            req = engine.submit(body.input, voice, seed=body.seed, language_id=body.language, stream=stream, **kw)
+            req = engine.submit(body.input, voice, seed=body.seed, language_id=body.language, stream=stream,
+                                post=body.post, **kw)
         except (ValueError, TypeError) as e:
             state.release()
             raise APIError(400, str(e), param=_param_of(str(e)), code="invalid_value") from None

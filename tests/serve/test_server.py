@@ -25,6 +25,7 @@ sf = pytest.importorskip("soundfile")
 from chatterbox_rt import TTS  # noqa: E402
 from chatterbox_rt.models.t3.config import smaller_backbone  # noqa: E402
 from chatterbox_rt.serve import make_server  # noqa: E402
+from chatterbox_rt.serve.app import MAX_INPUT_CHARS  # noqa: E402
 from chatterbox_rt.voices import VoiceLibrary  # noqa: E402
 
 SR = 24000
@@ -191,7 +192,8 @@ def test_speed_changes_the_duration(server):
 
 @pytest.mark.parametrize("body, param", [
     (dict(model="m", voice="default", input=""), "input"),
-    (dict(model="m", voice="default", input="x" * 4097), "input"),
+    (dict(model="m", voice="default", input="x" * (MAX_INPUT_CHARS + 1)), "input"),
+    (dict(model="m", voice="default", input="hi", post="loud"), "post"),
     (dict(model="m", voice="default", input="hi", response_format="ogg"), "response_format"),
     (dict(model="m", voice="default", input="hi", speed=5), "speed"),
     (dict(model="m", voice="default", input="hi", temprature=0.5), "temprature"),
@@ -487,3 +489,35 @@ def test_not_ready_and_timeout_and_upload_limit(engine, tmp_path, monkeypatch):
         assert r.status_code == 413
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------ long text
+
+
+def test_a_20000_character_chapter_streams_through_the_openai_client(tts, monkeypatch):
+    """A chapter runs as a batch of segments (chatterbox_rt.longtext) and streams back in order."""
+    from chatterbox_rt.longtext import JOIN_PAUSE_S
+    from chatterbox_rt.tts import dummy_voice
+
+    sentence = "The quick brown fox jumps over the lazy dog, and then it runs away. "
+    text = (sentence * (20_000 // len(sentence) + 2))[:20_001]
+    # A 0.4 s S3Gen prompt for the built-in voice: the test's time goes to the 70-odd segments.
+    short = dummy_voice(tts.builtin_voice.t3.cond_prompt_speech_tokens.shape[1], seed=5, prompt_seconds=0.4)
+    monkeypatch.setattr(tts, "builtin_voice", short)
+    n_segments = len(tts.segments(text))
+    assert n_segments > 60
+    eng = tts.engine(max_batch=16)
+    srv = Running(eng, generate_defaults=dict(n_steps=1, watermark=False))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        with client.audio.speech.with_streaming_response.create(
+                model="m", voice="default", input=text, response_format="pcm",
+                extra_body=dict(max_new_tokens=1, seed=0, post="clean")) as resp:
+            data = b"".join(resp.iter_bytes())
+    finally:
+        srv.stop()
+        eng.close(wait=False)
+    pcm = np.frombuffer(data, dtype="<i2")
+    # Every segment's token (40 ms) plus Nano's silence, and the pauses between them.
+    assert pcm.size >= (n_segments - 1) * int(JOIN_PAUSE_S * SR) + n_segments * 960
+    assert np.abs(pcm).max() <= round(32767 * 10 ** (-1 / 20)) + 1  # post="clean": peaks at -1 dBFS

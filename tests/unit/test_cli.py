@@ -520,13 +520,15 @@ def test_fit_tokens():
 def test_synth_splits_chunks_over_the_token_limit(tmp_path, capsys, fast_load, monkeypatch):
     seen = []
     monkeypatch.setattr(type(fast_load), "max_text_tokens", lambda self, voice=None, max_new_tokens=None: 40)
-    real = type(fast_load).generate
+    from chatterbox_rt.engine.engine import Engine
 
-    def generate(self, text, *a, **k):
+    real = Engine._job
+
+    def job(self, text, *a, **k):  # one T3 request per segment
         seen.append(text)
         return real(self, text, *a, **k)
 
-    monkeypatch.setattr(type(fast_load), "generate", generate)
+    monkeypatch.setattr(Engine, "_job", job)
     text = "This sentence is long enough, with a comma, to need more than forty tokens in one piece."
     out = tmp_path / "x.wav"
     rc, stdout, err = run(["synth", text, "-o", out, "--no-watermark"] + FAST, capsys)
