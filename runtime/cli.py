@@ -6,7 +6,10 @@
   atomically; ``-o -`` is standard output. Long text is split into segments
   (``chatterbox_rt.longtext``: sentences, then the model's text limit) that run as one batch
   through the engine and are joined with a short pause, with a progress bar.
-* ``vc SOURCE -o out.wav --target clip.wav``: voice conversion (the same outputs).
+* ``vc SOURCE -o out.wav --target clip.wav``: voice conversion (the same outputs), with its
+  controls (``--prune-tokens``, ``--speaker-strength``, ... : ``chatterbox_rt.vc``).
+* ``vc-eval SOURCE --target clip.wav --sweep NAME=V1,V2``: sweep those controls and measure the
+  speaker shift (``chatterbox_rt.vc_eval``).
 * ``voices add|list|remove``: the persistent voice library (``chatterbox_rt.voices``).
 * ``bench``: per-stage speed, optionally against the reference (``chatterbox_rt.profiling.bench``).
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +39,7 @@ Chatterbox text-to-speech from the command line.
   demo     T3 (text -> speech tokens) for one or every variant, with its decode speed
   synth    text -> audio file (WAV, FLAC, MP3, Ogg/Vorbis, Opus or raw PCM; '-o -' is stdout)
   vc       voice conversion: SOURCE speech in a target voice -> audio file
+  vc-eval  sweep voice-conversion controls; how far each moves the speaker
   voices   the voice library: add, list, remove
   bench    per-stage speed, optionally against the reference
   export   ONNX graphs of a model, checked against torch (a bundle for onnxruntime, TensorRT)
@@ -741,6 +747,22 @@ def _check_vc_checkpoint(ckpt) -> None:
         raise CheckpointError(f"no S3Gen checkpoint in {ckpt}: expected one of {', '.join(names)}")
 
 
+def _vc_controls(args):
+    """The vc command's conversion controls, checked before anything loads (CLI option names in errors)."""
+    from .vc import VCControls
+
+    try:
+        return VCControls(prune_tokens=args.prune_tokens, speaker_strength=args.speaker_strength,
+                          flow_cfg_rate=args.flow_cfg_rate, guidance_ramp=args.guidance_ramp,
+                          speaker_ramp=args.speaker_ramp, pitch_match=args.pitch_match,
+                          pitch_tolerance=args.pitch_tolerance, max_pitch_shift=args.max_pitch_shift, post=args.post)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for f in dataclasses.fields(VCControls):
+            msg = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), msg)
+        raise ValueError(msg) from None
+
+
 def cmd_vc(args) -> int:
     from . import audio_out
     from .models.s3gen.s3gen import S3_SR
@@ -748,11 +770,11 @@ def cmd_vc(args) -> int:
 
     target_path, fmt = _output_target(args)
     _check_model_options(args)
+    controls = _vc_controls(args)
     if args.ckpt:
         _check_vc_checkpoint(args.ckpt)
     source = _check_clip(args.source, "source audio", MIN_SOURCE_SECONDS, sr=S3_SR)
-    if args.target:
-        _check_clip(args.target, "target clip", MIN_TARGET_SECONDS)
+    clips = [str(_check_clip(t, "target clip", MIN_TARGET_SECONDS)) for t in args.target or ()]
     target = None
     if args.target_id:
         target = _library(args).get(args.target_id)  # any variant's voice: VC reads only its S3Gen part
@@ -766,18 +788,67 @@ def cmd_vc(args) -> int:
         else:
             vc = VC.from_dummy(seed=args.seed or 0, device=device, dtype=dtype,
                                precision=getattr(args, "load_precision", None))
-        if args.target:
-            target = str(args.target)
+        if clips:
+            target = clips[0] if len(clips) == 1 else clips  # several clips: x-vectors averaged
         elif target is None and vc.target is None:
             raise ValueError("this checkpoint has no built-in voice (conds.pt): give --target CLIP or "
                              "--target-id NAME")
         t0 = time.perf_counter()
-        wav = vc.generate(str(source), target_voice=target, seed=args.seed, watermark=not args.no_watermark)
+        wav = vc.generate(str(source), target_voice=target, seed=args.seed, watermark=not args.no_watermark,
+                          **controls.changed())
         dt = time.perf_counter() - t0
         audio_out.write(sink, wav, vc.sr, fmt)
         seconds = wav.numel() / vc.sr
         where = "standard output" if target_path == "-" else target_path
-        print(f"wrote {where}: {seconds:.2f} s of {fmt} audio at {vc.sr} Hz in {dt:.1f} s ({vc.source})")
+        changed = controls.changed()
+        extra = (", " + " ".join(f"{k}={v}" for k, v in changed.items())) if changed else ""
+        print(f"wrote {where}: {seconds:.2f} s of {fmt} audio at {vc.sr} Hz in {dt:.1f} s ({vc.source}{extra})")
+    return 0
+
+
+def cmd_vc_eval(args) -> int:
+    from .models.s3gen.s3gen import S3_SR
+    from .tts import check_n_steps
+    from .vc import MIN_SOURCE_SECONDS, MIN_TARGET_SECONDS, VC
+    from .vc_eval import VE_FILE_NAMES, load_voice_encoder, make_grid, parse_sweep, sweep
+
+    _check_model_options(args)
+    grid = make_grid([parse_sweep(s) for s in args.sweep])  # every setting checked before anything loads
+    check_n_steps(args.n_steps)
+    if args.ckpt:
+        _check_vc_checkpoint(args.ckpt)
+        if not any((Path(args.ckpt) / n).is_file() for n in VE_FILE_NAMES):
+            raise ValueError(f"{args.ckpt} has no voice encoder ({' or '.join(VE_FILE_NAMES)}): vc-eval measures "
+                             f"the output's speaker with it")
+    for out in (args.json, args.plot):
+        if out is not None and not Path(out).expanduser().parent.is_dir():
+            raise ValueError(f"cannot write {out}: {Path(out).expanduser().parent} is not a directory")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib (pip install matplotlib)") from None
+    source = _check_clip(args.source, "source audio", MIN_SOURCE_SECONDS, sr=S3_SR)
+    targets = [str(_check_clip(t, "target clip", MIN_TARGET_SECONDS)) for t in args.target]
+    _model_source(args)
+    device, dtype = _device(args.device), _dtype(args.dtype)
+    seed = 0 if args.seed is None else args.seed
+    precision = getattr(args, "load_precision", None)
+    if args.ckpt:
+        vc = VC.from_local(args.ckpt, device=device, dtype=dtype, precision=precision)
+        ve = load_voice_encoder(args.ckpt, device=device)
+    else:
+        vc = VC.from_dummy(seed=seed, device=device, dtype=dtype, precision=precision)
+        ve = load_voice_encoder(dummy_seed=seed, device=device)
+        _note("vc-eval with --dummy-weights: random encoders measure noise, so the cosines are meaningless "
+              "(the table's format and the timings are real)")
+    result = sweep(vc, str(source), targets, grid, ve=ve, seed=seed, n_steps=args.n_steps,
+                   warmup=not args.no_warmup)
+    print(result.table())
+    if args.json:
+        print(f"wrote {result.save_json(Path(args.json).expanduser())}")
+    if args.plot:
+        print(f"wrote {result.plot(Path(args.plot).expanduser())}")
     return 0
 
 
@@ -791,13 +862,18 @@ def cmd_voices_add(args) -> int:
     if args.name in library and not args.overwrite:
         raise ValueError(f"a voice named {args.name!r} already exists in {library.root}; add --overwrite to "
                          f"replace it")
-    clip = _need_file(args.clip, "voice clip")
-    _voice_clip_check(args, clip, _variant(args))  # unreadable, silent, too short: before the model loads
+    given = args.clip if isinstance(args.clip, list) else [args.clip]
+    clips = [_need_file(c, "voice clip") for c in given]
+    for clip in clips:
+        _voice_clip_check(args, clip, _variant(args))  # unreadable, silent, too short: before the model loads
     _model_source(args)
     tts = _load_tts(args)
-    library.add(args.name, clip, tts, exaggeration=args.exaggeration, overwrite=args.overwrite)
+    library.add(args.name, clips[0] if len(clips) == 1 else clips, tts, exaggeration=args.exaggeration,
+                overwrite=args.overwrite)
     info = library.info(args.name)
-    print(f"added voice {info.name!r} to {library.root} ({info.variant}, {info.duration_s:.1f} s clip, "
+    what = f"{info.duration_s:.1f} s clip" if len(clips) == 1 else \
+        f"{len(clips)} clips, the longest {info.duration_s:.1f} s"
+    print(f"added voice {info.name!r} to {library.root} ({info.variant}, {what}, "
           f"exaggeration {info.exaggeration:g})")
     return 0
 
@@ -951,6 +1027,33 @@ def _model_options(p: argparse.ArgumentParser, variant: bool = True, t3: bool = 
     p.add_argument("--t3-layers", type=int, default=0, help=argparse.SUPPRESS)
 
 
+def _vc_control_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conversion controls", "Each default gives the reference's output "
+                             "(chatterbox_rt.vc; `chatterbox-rt vc-eval` measures their effect).")
+    g.add_argument("--prune-tokens", type=int, default=0, metavar="N",
+                   help="drop the first N source speech tokens (40 ms each), where the source speaker shows most "
+                        "(default 0)")
+    g.add_argument("--speaker-strength", type=float, default=1.0, metavar="S",
+                   help="scale the target's normalised speaker embedding (default 1.0; above 1 pushes toward "
+                        "the target)")
+    g.add_argument("--flow-cfg-rate", type=float, default=None, metavar="W",
+                   help="the decoder's classifier-free guidance rate (default 0.7; not for a meanflow S3Gen)")
+    g.add_argument("--guidance-ramp", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="the guidance rate linear over the decoder's steps instead")
+    g.add_argument("--speaker-ramp", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="the speaker strength linear over the decoder's steps instead")
+    g.add_argument("--pitch-match", action="store_true",
+                   help="shift the source's pitch toward the target's median F0 first (needs --target clips or "
+                        "a library voice with a measured F0, and the vc extra)")
+    g.add_argument("--pitch-tolerance", type=float, default=None, metavar="SEMITONES",
+                   help="with --pitch-match: leave the source alone when this close (default 1)")
+    g.add_argument("--max-pitch-shift", type=float, default=None, metavar="SEMITONES",
+                   help="with --pitch-match: shift by at most this much (default 12)")
+    g.add_argument("--post", choices=POST_CHOICES, default=None,
+                   help="post-process the output before the watermark: 'clean' removes DC and rumble "
+                        "(high-pass) and limits peaks to -1 dBFS")
+
+
 def _library_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--library", metavar="DIR", default=None,
                    help="voice library directory (default: $CHATTERBOX_RT_VOICES or ~/.cache/chatterbox-rt/voices)")
@@ -1020,18 +1123,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="SOURCE", help="speech to convert (audio file)")
     _audio_output_options(c)
     ts = c.add_mutually_exclusive_group()
-    ts.add_argument("--target", metavar="CLIP", help="clip of the target voice (default: the checkpoint's voice)")
+    ts.add_argument("--target", metavar="CLIP", action="append",
+                    help="clip of the target voice (default: the checkpoint's voice); repeat it for several clips "
+                         "of one speaker (their speaker embeddings are averaged, the prompt is the longest's)")
     ts.add_argument("--target-id", metavar="NAME", help="a voice from the library")
     _model_options(c, variant=False)
     _library_option(c)
     c.add_argument("--no-watermark", action="store_true", help="skip the PerthNet output watermark")
+    _vc_control_options(c)
     c.set_defaults(func=cmd_vc)
+
+    e = sub.add_parser("vc-eval", help="sweep voice-conversion controls and measure how far the speaker moves",
+                       description="Convert SOURCE into the target voice once per setting of the sweeps (their "
+                                   "product; the default setting always runs first), then measure each output's "
+                                   "speaker: the cosine of its embedding to the target's and to the source's by the "
+                                   "voice encoder (ve.safetensors) and by CAMPPlus (S3Gen's). Prints a table (a "
+                                   "positive shift under both encoders: the setting moves the output toward the "
+                                   "target) with the VC time per setting. With --dummy-weights the cosines are "
+                                   "meaningless.")
+    e.add_argument("source", metavar="SOURCE", help="speech to convert (audio file)")
+    e.add_argument("--target", metavar="CLIP", action="append", required=True,
+                   help="clip of the target voice; repeat it for several clips of one speaker")
+    e.add_argument("--sweep", metavar="NAME=V1,V2,...", action="append", default=[],
+                   help="values of one control, e.g. prune_tokens=0,4,8 or speaker_strength=1.0,1.3; ramps as "
+                        "START:END (guidance_ramp=1.0:0.5); pitch_match=false,true; post=none,clean. Repeat for "
+                        "more controls")
+    e.add_argument("--json", metavar="F", default=None, help="write every row as JSON to F")
+    e.add_argument("--plot", metavar="F.png", default=None, help="plot the cosines and times to a PNG (matplotlib)")
+    e.add_argument("--n-steps", type=int, default=None, metavar="N", help="CFM steps (default: the decoder's, 10)")
+    e.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up conversion")
+    _model_options(e, variant=False)
+    e.set_defaults(func=cmd_vc_eval)
 
     v = sub.add_parser("voices", help="the voice library: add, list, remove")
     vsub = v.add_subparsers(dest="voices_command", required=True)
     a = vsub.add_parser("add", help="prepare a clip once and store it under NAME")
     a.add_argument("name", metavar="NAME", help="1-64 of A-Z a-z 0-9 . _ - (not starting with '.')")
-    a.add_argument("clip", metavar="CLIP", help="reference clip (audio file)")
+    a.add_argument("clip", metavar="CLIP", nargs="+",
+                   help="reference clip (audio file); several clips of one speaker average their speaker "
+                        "embeddings (the prompt is the longest clip's)")
     _model_options(a, t3=True, bundle=True)
     _library_option(a)
     a.add_argument("--exaggeration", type=float, default=0.5, help="emotion exaggeration stored with the voice")

@@ -466,12 +466,26 @@ class ChatterboxVC:
     def set_target_voice(self, wav_fpath):
         self.ref_dict = self._vc.prepare_target(wav_fpath)
 
-    def generate(self, audio, target_voice_path=None) -> torch.Tensor:
+    def generate(self, audio, target_voice_path=None, *, prune_tokens: int = 0, speaker_strength: float = 1.0,
+                 flow_cfg_rate: Optional[float] = None, guidance_ramp=None, speaker_ramp=None,
+                 pitch_match: bool = False, pitch_tolerance: Optional[float] = None,
+                 max_pitch_shift: Optional[float] = None, post: Optional[str] = None) -> torch.Tensor:
+        """The reference's ``generate``, plus ``chatterbox_rt.VC``'s voice-conversion controls as
+        keyword-only extras (their defaults give the reference's output); ``target_voice_path``
+        may also be a list of clips of the target. ``pitch_match`` needs the target's median F0:
+        pass ``target_voice_path`` in that call (it is measured then)."""
+        from .vc import VCControls
+
+        controls = VCControls(prune_tokens=prune_tokens, speaker_strength=speaker_strength,
+                              flow_cfg_rate=flow_cfg_rate, guidance_ramp=guidance_ramp, speaker_ramp=speaker_ramp,
+                              pitch_match=pitch_match, pitch_tolerance=pitch_tolerance,
+                              max_pitch_shift=max_pitch_shift, post=post)  # bad values: before any work
+        controls.check_meanflow(self._vc.s3gen.meanflow)
         if target_voice_path:
-            self.set_target_voice(target_voice_path)
+            self.ref_dict = self._vc.prepare_target(target_voice_path, f0=controls.pitch_match)
         elif self.ref_dict is None:
             raise MissingConditionalsError(NO_TARGET_MESSAGE)
-        return self._vc.generate(audio, self.ref_dict, n_steps=N_STEPS)
+        return self._vc._convert(audio, self.ref_dict, controls, n_steps=N_STEPS)
 
 
 __all__ = ["ChatterboxTTS", "ChatterboxMultilingualTTS", "ChatterboxTurboTTS", "ChatterboxVC", "Conditionals",

@@ -106,7 +106,7 @@ class S3GenPipeline(ABC):
         return gen
 
     def s3gen_mel(self, tokens: Tensor, voice=None, *, n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: Optional[torch.Generator] = None, **flow_controls) -> Tensor:
         """Speech tokens (1-D or ``[1, T]``, valid ids < 6561) -> mel ``[1, 80, M]``.
 
         ``M = 2 (P + T) - F`` as in the reference: the flow upsamples the voice's P prompt tokens
@@ -117,7 +117,8 @@ class S3GenPipeline(ABC):
         ``noise``: the CFM's initial noise ``[1, 80, L]`` over the full length the estimator sees
         (the voice's prompt frames, then the new frames), as the reference draws it with
         ``randn_like(mu)``; None draws it from ``generator``. ``n_steps`` defaults to 10 (2 for
-        the meanflow decoders of Turbo/Nano)."""
+        the meanflow decoders of Turbo/Nano). ``flow_controls``: ``S3Gen.flow_mel``'s per-call
+        ``cfg_rate`` / ``speaker_strength`` (voice conversion's controls)."""
         gen = self._gen_ref(self._voice(voice))
         tokens = torch.as_tensor(tokens)
         if tokens.dim() == 2 and tokens.size(0) != 1:
@@ -125,7 +126,8 @@ class S3GenPipeline(ABC):
         tokens = tokens.reshape(1, -1).to(self.device).long()
         if tokens.size(1) == 0:
             raise ValueError("no speech tokens to decode")
-        mel, _ = self.s3gen.flow_mel(tokens, None, gen, n_steps=n_steps, noise=noise, generator=generator)
+        mel, _ = self.s3gen.flow_mel(tokens, None, gen, n_steps=n_steps, noise=noise, generator=generator,
+                                     **flow_controls)
         return mel
 
     def s3gen_wav(self, mel: Tensor, *, noise_free: bool = False,
@@ -139,10 +141,16 @@ class S3GenPipeline(ABC):
             raise ValueError(f"mel must be [1, 80, T]; got {list(mel.shape)}")
         return self.s3gen.hift(mel, noise_free=noise_free, generator=generator)
 
-    def _finish(self, wav: Tensor, watermark: bool) -> Tensor:
-        """Device waveform ``[1, N]`` -> CPU float32 ``[1, N]``, watermarked unless asked not to."""
+    def _finish(self, wav: Tensor, watermark: bool, post: Optional[str] = None) -> Tensor:
+        """Device waveform ``[1, N]`` -> CPU float32 ``[1, N]``, post-processed (``post``:
+        ``chatterbox_rt.post``; None leaves it as it is), then watermarked unless asked not to."""
         with nvtx.range("to_host", "io"):
             wav = wav.detach().float().cpu()
+        if post is not None:
+            from .post import apply_post
+
+            with nvtx.range("post"):
+                wav = apply_post(wav, self.sr, post)
         if not watermark:
             return wav
         from .watermark import watermark_output

@@ -35,6 +35,9 @@ GEN_FIELDS = ("prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_le
 SPEAKER_EMB_DIM = 256
 XVECTOR_DIM = 192
 MEL_BINS = 80
+# The median F0 (Hz) of a voice conversion target, kept next to the S3Gen reference dict's fields
+# in memory (``VC.prepare_target``); never written into a .pt (``Voice.to_dict`` drops it).
+MEDIAN_F0_KEY = "median_f0"
 
 # Voices made for one variant fit the others of its family: the same speech-prompt length
 # (T3Config.speech_cond_prompt_len) and the same clip preprocessing.
@@ -123,6 +126,11 @@ class Voice:
     # The canonical variant whose model prepared this voice, when known (None for a voice read
     # from a plain conds.pt). In memory only: the .pt keeps the reference's layout.
     prepared_for: Optional[str] = dataclasses.field(default=None, compare=False)
+    # The median F0 (Hz) of the clip(s) the voice was made from, when it was measured
+    # (``chatterbox_rt.pitch``; voice conversion's ``pitch_match``). Like ``prepared_for`` it is
+    # not in the .pt (the reference's S3Gen would take an extra ``gen`` key as an argument); the
+    # voice library keeps it in the voice's record.
+    median_f0: Optional[float] = dataclasses.field(default=None, compare=False)
 
     # ------------------------------------------------------------------ views
 
@@ -160,7 +168,7 @@ class Voice:
             return self
         t3 = dataclasses.replace(self.t3, emotion_adv=torch.full((1, 1, 1), exaggeration,
                                                                   device=self.device))
-        return Voice(t3, dict(self.gen), prepared_for=self.prepared_for)
+        return Voice(t3, dict(self.gen), prepared_for=self.prepared_for, median_f0=self.median_f0)
 
     def to(self, device=None) -> "Voice":
         """A copy on ``device`` (the reference's ``Conditionals.to`` moves in place; a voice here may be
@@ -168,7 +176,7 @@ class Voice:
         t3 = dataclasses.replace(self.t3)
         t3.to(device=device)
         gen = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.gen.items()}
-        return Voice(t3, gen, prepared_for=self.prepared_for)
+        return Voice(t3, gen, prepared_for=self.prepared_for, median_f0=self.median_f0)
 
     def nbytes(self) -> int:
         tensors = [v for v in vars(self.t3).values() if torch.is_tensor(v)]
@@ -215,7 +223,7 @@ class Voice:
         t3 = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in t3.items()}
         if t3["emotion_adv"] is not None and not torch.is_tensor(t3["emotion_adv"]):
             t3["emotion_adv"] = torch.full((1, 1, 1), float(t3["emotion_adv"]))
-        gen = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.gen.items()}
+        gen = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.gen.items() if k != MEDIAN_F0_KEY}
         return {"t3": t3, "gen": gen}
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -310,11 +318,39 @@ class Voice:
         need(self.gen, "prompt_token", 2, integer=True)
         need(self.gen, "prompt_feat", 3, MEL_BINS)
         need(self.gen, "embedding", 2, XVECTOR_DIM)
+        if self.median_f0 is not None and not (isinstance(self.median_f0, numbers.Real)
+                                               and math.isfinite(self.median_f0) and self.median_f0 > 0):
+            problems.append(f"median_f0 must be a positive number of Hz, got {self.median_f0!r}")
         if self.prepared_for is not None and self.prepared_for not in VOICE_FAMILY:
             problems.append(f"prepared_for {self.prepared_for!r} is not a variant ({', '.join(VOICE_FAMILY)})")
         if problems:
             raise VoiceError(f"{source} is not a usable voice: " + "; ".join(problems))
         return self
+
+
+def merge_voices(voices, durations) -> Voice:
+    """Several clips' voices (prepared alike, one per clip) -> one voice of the speaker.
+
+    The speaker embeddings are averaged: T3's voice-encoder embedding as the reference's
+    ``VoiceEncoder.utt_to_spk_embed`` does (mean, then L2-normalised), S3Gen's CAMPPlus x-vector
+    as a plain mean (the flow normalises it). The prompts (T3's prompt tokens, S3Gen's prompt
+    tokens and mel) and the exaggeration come from the longest clip (``durations``, seconds);
+    ``median_f0`` is left to the caller (the median over all clips' frames, not of the medians).
+    One voice is returned as it is."""
+    voices = list(voices)
+    if not voices:
+        raise ValueError("no clips: a voice needs at least one clip")
+    if len(durations) != len(voices):
+        raise ValueError(f"{len(durations)} durations for {len(voices)} voices")
+    if len(voices) == 1:
+        return voices[0]
+    longest = voices[max(range(len(voices)), key=lambda i: durations[i])]
+    spk = torch.stack([v.t3.speaker_emb.reshape(-1).float().cpu() for v in voices]).mean(dim=0)
+    spk = (spk / spk.norm()).reshape(1, -1).to(longest.t3.speaker_emb)
+    xvec = torch.stack([v.gen["embedding"].reshape(-1).float().cpu() for v in voices]).mean(dim=0)
+    t3 = dataclasses.replace(longest.t3, speaker_emb=spk)
+    gen = dict(longest.gen, embedding=xvec.reshape(1, -1).to(longest.gen["embedding"]))
+    return Voice(t3, gen, prepared_for=longest.prepared_for).validate("merged voice")
 
 
 def _is_text(data: bytes) -> bool:
@@ -334,5 +370,5 @@ def builtin_voice(ckpt_dir: Union[str, Path], device=None) -> Optional[Voice]:
     return voice.to(device) if device is not None else voice
 
 
-__all__ = ["Voice", "VoiceError", "builtin_voice", "check_exaggeration", "variant_family", "T3_FIELDS",
+__all__ = ["Voice", "VoiceError", "builtin_voice", "merge_voices", "MEDIAN_F0_KEY", "check_exaggeration", "variant_family", "T3_FIELDS",
            "GEN_FIELDS", "VOICE_FAMILY", "FAMILY_PROMPT_TOKENS", "EXAGGERATION_MIN", "EXAGGERATION_MAX"]

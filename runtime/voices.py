@@ -112,6 +112,7 @@ def _canonical(variant: str) -> str:
     return key
 
 
+_OPTIONAL_RECORD_FIELDS = ("median_f0", "clips")
 _RECORD_TYPES = {"name": str, "source": (str, type(None)), "source_sha256": str, "duration_s": numbers.Real,
                  "sample_rate": numbers.Integral, "created": str, "version": str}
 
@@ -134,6 +135,12 @@ class VoiceInfo:
     version: Optional[str] = None  # chatterbox_rt version that prepared it
     path: Optional[str] = None  # the .pt file (filled in when read from a library)
     problem: Optional[str] = None  # why the entry is unusable; None for a good one
+    # Optional in a record (older ones lack them): the median F0 of the clip(s) in Hz, when the
+    # pitch extra measured it (voice conversion's pitch_match), and, for a voice made from several
+    # clips, each clip's {source, source_sha256, duration_s, sample_rate} (the fields above then
+    # describe the longest clip, the prompt's).
+    median_f0: Optional[float] = None
+    clips: Optional[list] = None
 
     @property
     def broken(self) -> bool:
@@ -149,7 +156,7 @@ class VoiceInfo:
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "VoiceInfo":
         fields = {f.name for f in dataclasses.fields(cls)} - {"path", "problem"}
-        missing = sorted(fields - set(data))
+        missing = sorted(fields - set(data) - set(_OPTIONAL_RECORD_FIELDS))
         if missing:
             raise VoiceError(f"{path}: voice record lacks {missing}")
         try:
@@ -161,7 +168,13 @@ class VoiceInfo:
             if not isinstance(data[key], want) or isinstance(data[key], bool):
                 raise VoiceError(f"{path}: {key} is {type(data[key]).__name__} {data[key]!r}, not a voice "
                                  f"record's {want[0].__name__ if isinstance(want, tuple) else want.__name__}")
-        return cls(**{k: data[k] for k in fields} | {"variant": variant, "exaggeration": exaggeration},
+        f0 = data.get("median_f0")
+        if f0 is not None and (isinstance(f0, bool) or not isinstance(f0, numbers.Real) or not f0 > 0):
+            raise VoiceError(f"{path}: median_f0 is {f0!r}, not a positive number of Hz")
+        clips = data.get("clips")
+        if clips is not None and (not isinstance(clips, list) or not all(isinstance(c, dict) for c in clips)):
+            raise VoiceError(f"{path}: clips is {type(clips).__name__}, not a list of clip records")
+        return cls(**{k: data.get(k) for k in fields} | {"variant": variant, "exaggeration": exaggeration},
                    path=str(path.with_suffix(VOICE_SUFFIX)))
 
 
@@ -281,14 +294,52 @@ class VoiceLibrary:
 
     def add(self, name: str, clip, tts, exaggeration: float = 0.5, overwrite: bool = False,
             sr: Optional[int] = None) -> Voice:
-        """Prepare ``clip`` (a path, or an array with ``sr``) with ``tts.prepare_conditionals`` and
-        store it as ``name``. An existing name is an error unless ``overwrite=True``, also when
-        another thread or process adds the same name meanwhile (exactly one of them wins)."""
+        """Prepare ``clip`` (a path, or an array with ``sr``; or a list of them: several clips of
+        one speaker) with ``tts.prepare_conditionals`` and store it as ``name``. An existing name is
+        an error unless ``overwrite=True``, also when another thread or process adds the same name
+        meanwhile (exactly one of them wins).
+
+        Several clips: each is prepared, then ``chatterbox_rt.voice.merge_voices`` averages the
+        speaker embeddings and keeps the longest clip's prompts. With the ``vc`` extra installed
+        (``chatterbox_rt.pitch``) the clips' median F0 is measured and kept in the record
+        (``Voice.median_f0``: voice conversion's ``pitch_match``)."""
+        from .voice import merge_voices
+
         pt, info_path = self._paths(name)
         exaggeration = check_exaggeration(exaggeration)
         self._check_root()
         if info_path.is_file() and not overwrite:  # fail fast; checked again under the lock
             raise self._exists(name)
+        clips = list(clip) if isinstance(clip, (list, tuple)) else [clip]
+        if not clips:
+            raise ValueError("no clips given: a voice needs at least one clip")
+        voices, records = [], []
+        for c in clips:
+            voice, record = self._prepare(c, tts, exaggeration, sr)
+            voices.append(voice)
+            records.append(record)
+        longest = max(range(len(clips)), key=lambda i: records[i]["duration_s"])
+        voice = merge_voices(voices, [r["duration_s"] for r in records])
+        f0 = _clips_median_f0(clips, sr)
+        if f0 is not None:
+            voice = dataclasses.replace(voice, median_f0=f0)
+        variant = _canonical(tts.variant)
+        top = records[longest]
+        info = VoiceInfo(name=name, variant=variant, exaggeration=exaggeration,
+                         source=top["source"], source_sha256=top["source_sha256"],
+                         duration_s=round(float(top["duration_s"]), 3), sample_rate=int(top["sample_rate"]),
+                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         version=__version__, median_f0=None if f0 is None else round(f0, 3),
+                         clips=[dict(r, duration_s=round(float(r["duration_s"]), 3)) for r in records]
+                         if len(records) > 1 else None)
+        self._write(name, voice, info, overwrite=overwrite)
+        if voice.prepared_for is None:
+            voice = dataclasses.replace(voice, prepared_for=variant)
+        return voice
+
+    @staticmethod
+    def _prepare(clip, tts, exaggeration: float, sr: Optional[int]) -> tuple[Voice, dict]:
+        """One clip -> (its voice, its record fields: source, source_sha256, duration_s, sample_rate)."""
         if isinstance(clip, (str, os.PathLike)):
             import soundfile as sf
 
@@ -308,15 +359,7 @@ class VoiceLibrary:
             arr = clip.detach().cpu().numpy() if torch.is_tensor(clip) else np.asarray(clip)
             source, sha = None, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
             duration, rate = arr.shape[-1] / sr if arr.ndim == 1 else max(arr.shape) / sr, sr
-        variant = _canonical(tts.variant)
-        info = VoiceInfo(name=name, variant=variant, exaggeration=exaggeration,
-                         source=source, source_sha256=sha, duration_s=round(float(duration), 3),
-                         sample_rate=int(rate), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         version=__version__)
-        self._write(name, voice, info, overwrite=overwrite)
-        if voice.prepared_for is None:
-            voice = dataclasses.replace(voice, prepared_for=variant)
-        return voice
+        return voice, {"source": source, "source_sha256": sha, "duration_s": float(duration), "sample_rate": int(rate)}
 
     def _write(self, name: str, voice: Voice, info: VoiceInfo, overwrite: bool = True) -> None:
         pt, info_path = self._paths(name)
@@ -440,6 +483,7 @@ class VoiceLibrary:
             info = self.info(name)
             voice = Voice.load(self._paths(name)[0])
             voice.prepared_for = info.variant
+            voice.median_f0 = info.median_f0
             if self.max_cached:
                 with self._lock:
                     self._cache[name] = (stamp, voice)
@@ -464,6 +508,24 @@ class VoiceLibrary:
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def _clips_median_f0(clips, sr: Optional[int]) -> Optional[float]:
+    """The median F0 over every clip's frames (their 24 kHz audio joined), or None when the pitch
+    extra (``pip install 'chatterbox-rt[vc]'``) is not installed or no frame is voiced."""
+    try:
+        from .pitch import median_f0
+    except ImportError:
+        return None
+    from .audio import load_audio
+    from .models.s3gen.hift import S3GEN_SR
+
+    wav = np.concatenate([load_audio(c, sr, target_sr=S3GEN_SR)[0] for c in clips])
+    try:
+        f0 = median_f0(wav, S3GEN_SR)
+    except ImportError:  # chatterbox_rt.pitch is there, its praat-parselmouth is not
+        return None
+    return None if f0 is None else float(f0)
 
 
 __all__ = ["VoiceLibrary", "VoiceInfo", "UnknownVoice", "check_name", "default_root", "ENV_VAR", "VOICE_FAMILY",

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -353,11 +353,16 @@ class CausalCFM(nn.Module):
     @torch.inference_mode()
     def forward(self, mu: torch.Tensor, mask: Optional[torch.Tensor], spks: torch.Tensor, cond: torch.Tensor,
                 n_steps: Optional[int] = None, noise: Optional[torch.Tensor] = None,
-                meanflow: bool = False) -> torch.Tensor:
+                meanflow: bool = False, *, cfg_rates: Optional[Sequence[float]] = None,
+                step_spks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mu, cond, noise [B, 80, T]; mask [B, 1, T] (None: nothing padded); spks [B, 80] -> mel [B, 80, T].
 
         ``noise`` is the initial x0 (the reference draws ``randn_like(mu)``); it is required so
-        that a caller controls the randomness."""
+        that a caller controls the randomness.
+
+        Per-call solver controls (voice conversion's; None keeps the config's, bit for bit):
+        ``cfg_rates``, one CFG rate per Euler step (the CFG path only: meanflow has no CFG);
+        ``step_spks [n_steps, B, 80]``, the speaker input of each step instead of ``spks``."""
         if noise is None:
             raise ValueError("CausalCFM needs the initial noise [B, 80, T] (draw it with torch.randn_like(mu))")
         if noise.shape != mu.shape:
@@ -365,17 +370,28 @@ class CausalCFM(nn.Module):
         cfg = self.config
         if n_steps is None:
             n_steps = cfg.meanflow_n_steps if meanflow else cfg.n_steps
+        if cfg_rates is not None:
+            if meanflow:
+                raise ValueError("the meanflow solver has no classifier-free guidance: cfg_rates does not apply")
+            cfg_rates = [float(w) for w in cfg_rates]
+            if len(cfg_rates) != n_steps:
+                raise ValueError(f"cfg_rates has {len(cfg_rates)} rates for {n_steps} steps")
+        if step_spks is not None and tuple(step_spks.shape) != (n_steps, *spks.shape):
+            raise ValueError(f"step_spks must be [{n_steps}, {', '.join(map(str, spks.shape))}] (one spks per step), "
+                             f"got {list(step_spks.shape)}")
         scheduler = "linear" if meanflow else cfg.t_scheduler
         t_span = time_span(n_steps, scheduler, device=mu.device, dtype=torch.float32)  # the times stay fp32
 
         in_dtype, dtype = noise.dtype, self.estimator.dtype
         x, mu, spks, cond = (a.to(dtype) for a in (noise, mu, spks, cond))
         mask = None if mask is None else mask.to(dtype)
+        if step_spks is not None:
+            step_spks = step_spks.to(x.device, dtype)
         if meanflow:
-            return self._basic_euler(x, t_span, mu, mask, spks, cond).to(in_dtype)
-        return self._solve_euler_cfg(x, t_span, mu, mask, spks, cond).to(in_dtype)
+            return self._basic_euler(x, t_span, mu, mask, spks, cond, step_spks).to(in_dtype)
+        return self._solve_euler_cfg(x, t_span, mu, mask, spks, cond, cfg_rates, step_spks).to(in_dtype)
 
-    def _basic_euler(self, x, t_span, mu, mask, spks, cond) -> torch.Tensor:
+    def _basic_euler(self, x, t_span, mu, mask, spks, cond, step_spks=None) -> torch.Tensor:
         """Meanflow: plain Euler over (t, r) pairs, no CFG (distilled with CFG outputs)."""
         euler = self._euler.get(x.device)
         x = x.contiguous()  # the fused kernels take dense tensors (the noise may be a slice)
@@ -383,16 +399,18 @@ class CausalCFM(nn.Module):
         for i, (t, r) in enumerate(zip(t_span[:-1], t_span[1:], strict=True)):
             with nvtx.range("cfm_step"):
                 with nvtx.range("estimator"):
-                    v = self.estimator(x, mask, mu, t[None], spks, cond, r[None])
+                    s = spks if step_spks is None else step_spks[i]
+                    v = self.estimator(x, mask, mu, t[None], s, cond, r[None])
                 x = euler(x, v, dts[i])
         return x
 
-    def _solve_euler_cfg(self, x, t_span, mu, mask, spks, cond) -> torch.Tensor:
+    def _solve_euler_cfg(self, x, t_span, mu, mask, spks, cond, cfg_rates=None, step_spks=None) -> torch.Tensor:
         """Euler with CFG: rows [:B] conditional, rows [B:] unconditional (mu = spks = cond = 0).
 
         The 2B estimator inputs live in buffers allocated once per call; the conditioning halves
         are written once. Each step's fused update (``cfg_euler_``) advances x and writes it into
-        both halves of the estimator's input, so the loop itself copies nothing."""
+        both halves of the estimator's input, so the loop itself copies nothing (a per-step
+        speaker input, ``step_spks``, is written into the conditional half before each step)."""
         B, C, T = x.shape
         w = self.config.cfg_rate
         step = self._cfg_euler.get(x.device)
@@ -408,7 +426,16 @@ class CausalCFM(nn.Module):
         for i, t in enumerate(t_span[:-1]):
             with nvtx.range("cfm_step"):
                 t_in.copy_(t)
+                if step_spks is not None:
+                    spks_in[:B] = step_spks[i]
                 with nvtx.range("estimator"):
                     v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
-                step(x, v, dts[i], w, x_in)
+                step(x, v, dts[i], w if cfg_rates is None else cfg_rates[i], x_in)
         return x
+
+
+def linear_ramp(start: float, end: float, n_steps: int) -> list[float]:
+    """``n_steps`` values from ``start`` (step 0) to ``end`` (the last step), linearly; one step: ``start``."""
+    if n_steps == 1:
+        return [float(start)]
+    return [float(start) + (float(end) - float(start)) * k / (n_steps - 1) for k in range(n_steps)]

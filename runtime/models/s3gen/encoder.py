@@ -276,9 +276,13 @@ class FlowFront(nn.Module):
         self.encoder = UpsampleConformerEncoder(c)
         self.encoder_proj = nn.Linear(c.output_size, c.mel_bins)
 
-    def embed_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
-        """x-vector ``[B or 1, 192]`` (or ``[192]``) -> ``spks`` ``[B or 1, 80]``: L2-normalise, project."""
-        return self.spk_embed_affine_layer(F.normalize(torch.atleast_2d(embedding), dim=1))
+    def embed_speaker(self, embedding: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """x-vector ``[B or 1, 192]`` (or ``[192]``) -> ``spks`` ``[B or 1, 80]``: L2-normalise, project.
+
+        ``strength`` scales the normalised x-vector before the affine (voice conversion's
+        ``speaker_strength``); 1.0, the reference's, skips the product."""
+        unit = F.normalize(torch.atleast_2d(embedding), dim=1)
+        return self.spk_embed_affine_layer(unit if strength == 1.0 else unit * strength)
 
     def encode_tokens(self, tokens: torch.Tensor, token_lens: torch.Tensor,
                       finalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ Data flow of one request (``flow_mel`` then ``hift``)::
 from __future__ import annotations
 
 import logging
+import numbers
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -193,6 +194,15 @@ class S3Gen(nn.Module):
         return dict(prompt_token=tokens, prompt_token_len=token_lens, prompt_feat=feat,
                     prompt_feat_len=None, embedding=embedding)
 
+    @torch.inference_mode()
+    def xvector(self, wav_24k: Union[Tensor, np.ndarray]) -> Tensor:
+        """``embed_ref``'s x-vector alone (CAMPPlus on the clip resampled to 16 kHz) -> ``[1, 192]``:
+        what a second or later clip of a voice contributes (voice conversion's averaged targets)."""
+        from ..resample import sinc_resample
+
+        wav = torch.atleast_2d(torch.as_tensor(wav_24k).to(device=self.device, dtype=torch.float32))
+        return self.speaker_encoder.inference(sinc_resample(wav, S3GEN_SR, S3_SR))
+
     # ------------------------------------------------------------------ flow
 
     def mel_lengths(self, token_lens: Tensor, refs: Sequence[Mapping]) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,7 +217,9 @@ class S3Gen(nn.Module):
     @nvtx.annotate("flow")
     def flow_mel(self, tokens: Tensor, token_lens: Optional[Tensor], refs: Union[Mapping, Sequence[Mapping]], *,
                  n_steps: Optional[int] = None, noise: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None, cfm=None) -> tuple[Tensor, Tensor]:
+                 generator: Optional[torch.Generator] = None, cfm=None,
+                 cfg_rate: Union[None, float, Sequence[float]] = None,
+                 speaker_strength: Union[None, float, Sequence[float]] = None) -> tuple[Tensor, Tensor]:
         """Speech tokens ``[B, T]`` (right-padded; ``token_lens [B]``) with one S3Gen reference
         dict per request (or one shared) -> (mel ``[B, 80, M]``, mel lengths ``[B]`` on the CPU):
         the frames after each request's prompt, zero past its length.
@@ -216,8 +228,28 @@ class S3Gen(nn.Module):
         frames + new frames; ``L`` at least the longest); None draws ``randn`` from ``generator``.
         ``cfm``: runs the CFM loop instead of ``self.flow.decoder`` with its call signature (the
         engine's CUDA-graph pool, ``chatterbox_rt.engine.cfm_graphs.CFMGraphs``).
+
+        Per-call controls (voice conversion; None: the model's, and the path is unchanged):
+        ``cfg_rate``, the CFG rate (``FlowConfig.cfg_rate``, 0.7) or one per Euler step (not for
+        a meanflow model: it has no CFG); ``speaker_strength``, the factor on the normalised
+        x-vector before the speaker affine, or one per step (the estimator's ``spks`` then
+        differs per step). The shared config is never changed, and ``cfm`` cannot take them.
         """
         dev, dtype = self.device, self.dtype
+        steps = n_steps or self.default_steps
+        cfm_kw = {}
+        if cfg_rate is not None:
+            if self.meanflow:
+                raise ValueError("the meanflow S3Gen (Turbo/Nano) has no classifier-free guidance: cfg_rate does "
+                                 "not apply")
+            cfm_kw["cfg_rates"] = [float(cfg_rate)] * steps if isinstance(cfg_rate, numbers.Real) else list(cfg_rate)
+        strengths = None
+        if speaker_strength is not None and not isinstance(speaker_strength, numbers.Real):
+            strengths = [float(s) for s in speaker_strength]
+            if len(strengths) != steps:
+                raise ValueError(f"speaker_strength has {len(strengths)} values for {steps} steps")
+        if cfm is not None and (cfm_kw or speaker_strength is not None):
+            raise ValueError("cfg_rate / speaker_strength are per-call controls of the eager CFM; cfm= cannot take them")
         tokens = torch.atleast_2d(tokens).to(dev)
         B = tokens.size(0)
         if token_lens is None:
@@ -242,7 +274,13 @@ class S3Gen(nn.Module):
         all_tok, all_lens = concat_prompt_tokens(prompt_tok, prompt_lens, tokens, token_lens.to(dev))
         with nvtx.range("flow_encoder", "flow"):
             mu, mask = self.flow.encode_tokens(all_tok, all_lens, finalize=True)  # [B, 80, L], [B, 1, L]
-        spks = torch.cat([self.flow.embed_speaker(torch.atleast_2d(r["embedding"]).to(dev, dtype)) for r in refs])
+        strength = 1.0 if speaker_strength is None or strengths is not None else float(speaker_strength)
+        spks = torch.cat([self.flow.embed_speaker(torch.atleast_2d(r["embedding"]).to(dev, dtype), strength)
+                          for r in refs])
+        if strengths is not None:  # [n_steps, B, 80]
+            cfm_kw["step_spks"] = torch.stack([
+                torch.cat([self.flow.embed_speaker(torch.atleast_2d(r["embedding"]).to(dev, dtype), s) for r in refs])
+                for s in strengths])
         cond = torch.zeros_like(mu)
         for b, r in enumerate(refs):
             feat = torch.atleast_3d(r["prompt_feat"]).reshape(-1, MEL_BINS)  # [F, 80]
@@ -260,8 +298,8 @@ class S3Gen(nn.Module):
         if padded:
             noise = noise * mask
         # Unpadded (every single request): the estimator skips its ~100 all-ones mask passes.
-        mel = (cfm or self.flow.decoder)(mu, mask if padded else None, spks, cond, n_steps=n_steps or self.default_steps,
-                                noise=noise, meanflow=self.meanflow)
+        mel = (cfm or self.flow.decoder)(mu, mask if padded else None, spks, cond, n_steps=steps,
+                                         noise=noise, meanflow=self.meanflow, **cfm_kw)
         M = int(new.max())
         out = mel.new_zeros(B, MEL_BINS, M)
         for b in range(B):
