@@ -808,13 +808,13 @@ def cmd_vc(args) -> int:
 
 def cmd_vc_eval(args) -> int:
     from .models.s3gen.s3gen import S3_SR
-    from .tts import check_n_steps
     from .vc import MIN_SOURCE_SECONDS, MIN_TARGET_SECONDS, VC
     from .vc_eval import VE_FILE_NAMES, load_voice_encoder, make_grid, parse_sweep, sweep
 
     _check_model_options(args)
     grid = make_grid([parse_sweep(s) for s in args.sweep])  # every setting checked before anything loads
-    check_n_steps(args.n_steps)
+    if args.n_steps is not None and args.n_steps < 1:
+        raise ValueError(f"--n-steps must be an integer >= 1, got {args.n_steps}")
     if args.ckpt:
         _check_vc_checkpoint(args.ckpt)
         if not any((Path(args.ckpt) / n).is_file() for n in VE_FILE_NAMES):

@@ -37,7 +37,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -125,6 +125,11 @@ def make_grid(sweeps) -> list[VCControls]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"swept more than once: {', '.join(dup)} (give each control's values in one sweep)")
+    for n, v in pairs:
+        ramp_pair = n.endswith("_ramp") and isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)
+        if isinstance(v, (str, bytes)) or not isinstance(v, Iterable) or ramp_pair:
+            raise ValueError(f"the sweep of {n} must be a list of values, got {v!r}"
+                             + (" (a ramp is one value: [(start, end)])" if ramp_pair else ""))
     values = [list(v) for _, v in pairs]
     for n, v in zip(names, values, strict=True):
         if not v:
