@@ -18,6 +18,10 @@ Routes (OpenAI's audio API where it has one; its request fields and error shape)
 * ``GET /v1/models``; ``GET/POST /v1/audio/voices``, ``DELETE /v1/audio/voices/{id}`` (the
   voice library: a multipart ``file`` clip and a ``name``); ``GET /health`` (alive), ``GET /ready``
   (warmed up and not draining); ``GET /metrics`` (Prometheus).
+* ``POST /v1/audio/voice-conversion`` (ours; OpenAI has none): multipart ``file`` (source speech),
+  the target as ``voice`` or ``target`` clips, ``VC.generate``'s controls, ``response_format``
+  (default wav); the fields are in ``serve/vc_route.py``. One conversion runs at a time, beside the
+  engine, and counts toward the in-flight limit.
 
 Limits: at most ``max_batch + max_queue`` requests in flight (the rest: 429 with ``Retry-After``);
 503 while warming up or draining; a body over ``max_body_bytes`` (uploads ``max_upload_bytes``)
@@ -65,6 +69,8 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "m
 BUILTIN_VOICE = "default"
 RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 OPEN_ROUTES = ("/health", "/ready")
+VC_ROUTE = "/v1/audio/voice-conversion"  # our own route (OpenAI has none): serve/vc_route.py
+UPLOAD_ROUTES = ("/v1/audio/voices", VC_ROUTE)  # multipart audio: max_upload_bytes
 # A streamed response's engine chunks are polled this often at most (s): cheap, and far below
 # the audio's own chunk period.
 POLL_S = (0.002, 0.02)
@@ -374,6 +380,76 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
                                      headers={"Cache-Control": "no-cache"})
         return StreamingResponse(_swallow_end(pieces()), media_type=encoder.media_type)
 
+    # ------------------------------------------------------------------ voice conversion (our own route)
+
+    vc_lock = threading.Lock()  # one conversion at a time: it runs beside the engine's batches
+    vc_holder: dict = {}
+
+    def vc_model():
+        if "vc" not in vc_holder:
+            from ..vc import VC
+
+            builtin = state.tts.builtin_voice
+            vc_holder["vc"] = VC(state.tts.s3gen, builtin.gen if builtin is not None else None,
+                                 source=f"the server's {state.model_name}")
+        return vc_holder["vc"]
+
+    @app.post(VC_ROUTE)
+    async def voice_conversion(request: Request):
+        if state.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="draining")
+        if getattr(state.tts, "backend", "torch") != "torch":
+            raise APIError(400, "voice conversion runs on the torch backend only; this server uses "
+                                f"{state.tts.backend!r}", code="unsupported_backend")
+        from .encode import encode_whole, media_type
+        from .vc_route import FormError, parse_form
+
+        form = await request.form()
+        try:
+            source, targets, voice_id, kw, fmt = parse_form(form)
+        except FormError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        if fmt == "aac":
+            try:
+                import av  # noqa: F401 - know before any work whether AAC can be written here
+            except ImportError:
+                raise APIError(400, "response_format 'aac' needs PyAV on the server (pip install av); choose "
+                                    "another format", param="response_format", code="unsupported_format") from None
+        src_wav, src_sr = _read_clip(await source.read(), param="file")
+        if targets:
+            clips = [_read_clip(await t.read(), param="target") for t in targets]
+            rates = {sr for _, sr in clips}
+            if len(rates) > 1:  # VC.generate takes one target_sr for all clips
+                from ..audio import resample
+
+                clips = [(resample(w, sr, max(rates)), max(rates)) for w, sr in clips]
+            target, target_sr = [w for w, _ in clips], clips[0][1]
+        else:
+            target = state.voice(voice_id) if voice_id else state.voice(BUILTIN_VOICE)
+            target_sr = None
+        if not state.try_acquire():
+            raise APIError(429, f"the server is busy ({state.max_inflight} requests in flight); retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+        def convert() -> bytes:
+            with vc_lock:
+                wav = vc_model().generate(src_wav, target, sr=src_sr, target_sr=target_sr, **kw)
+            return encode_whole(wav.reshape(-1).numpy(), fmt, SAMPLE_RATE)
+
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(None, convert)
+            data = await asyncio.wait_for(fut, state.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the conversion took longer than {state.request_timeout:g} s", type="server_error",
+                           code="timeout") from None
+        except (ValueError, TypeError) as e:  # the controls' and the clips' checks, before any work
+            from .vc_route import param_of
+
+            raise APIError(400, str(e), param=param_of(str(e), kw), code="invalid_value") from None
+        finally:
+            state.release()
+        return Response(data, media_type=media_type(fmt, SAMPLE_RATE))
+
     # ------------------------------------------------------------------ models, voices, health, metrics
 
     @app.get("/v1/models")
@@ -520,7 +596,7 @@ class _Guard:
             if method in ("POST", "PUT", "PATCH"):
                 # The body is read here, counted, and replayed to the app: a chunked body of no
                 # declared length is refused with a 413 as soon as it passes the limit.
-                limit = self.max_upload if path == "/v1/audio/voices" and method == "POST" else self.max_body
+                limit = self.max_upload if path in UPLOAD_ROUTES and method == "POST" else self.max_body
                 messages, n = [], 0
                 while True:
                     msg = await receive()
@@ -554,7 +630,7 @@ class _Guard:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
                 return APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                 type="authentication_error", code="invalid_api_key")
-        limit = self.max_upload if path == "/v1/audio/voices" and method == "POST" else self.max_body
+        limit = self.max_upload if path in UPLOAD_ROUTES and method == "POST" else self.max_body
         length = headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > limit:
             return APIError(413, f"request body of {int(length)} bytes is over this route's limit of {limit}",
@@ -587,7 +663,7 @@ def _need_library(state: ServerState):
     return state.library
 
 
-def _read_clip(data: bytes):
+def _read_clip(data: bytes, param: str = "file"):
     import io
 
     import soundfile as sf
@@ -595,10 +671,10 @@ def _read_clip(data: bytes):
     try:
         wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the client's clip
-        raise APIError(400, f"the clip is not audio soundfile can read (WAV, FLAC, Ogg, MP3): {e}", param="file",
+        raise APIError(400, f"the clip is not audio soundfile can read (WAV, FLAC, Ogg, MP3): {e}", param=param,
                        code="invalid_audio") from None
     if wav.shape[0] == 0:
-        raise APIError(400, "the clip holds no samples", param="file", code="invalid_audio")
+        raise APIError(400, "the clip holds no samples", param=param, code="invalid_audio")
     return wav.mean(axis=1), int(sr)
 
 
