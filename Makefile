@@ -34,7 +34,7 @@ demo: $(VENV)/.setup-base
 		$(if $(CKPT),--ckpt $(CKPT),--dummy-weights --variant nano)
 
 test: $(VENV)/.setup-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=40 $(PYTEST_ARGS)
 
 # On a machine with a CUDA GPU: build the CUDA extension, GPU tests, kernel and end-to-end benchmarks,
 # logged to $(OUT)/gpu_check.log (scripts/gpu_check.sh documents the steps; WHEELHOUSE=dir for offline wheels).
