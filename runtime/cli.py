@@ -11,6 +11,8 @@
 * ``vc-eval SOURCE --target clip.wav --sweep NAME=V1,V2``: sweep those controls and measure the
   speaker shift (``chatterbox_rt.vc_eval``).
 * ``voices add|list|remove``: the persistent voice library (``chatterbox_rt.voices``).
+* ``tokens encode|analyze|bpe``: an audio corpus -> S3 speech tokens (or SNAC codes) in Parquet,
+  their statistics, and weight-free merging of them (``chatterbox_rt.tokens``).
 * ``bench``: per-stage speed, optionally against the reference (``chatterbox_rt.profiling.bench``).
 
 Models come from ``--ckpt DIR`` (the official file names) or ``--dummy-weights`` (seeded random
@@ -41,6 +43,7 @@ Chatterbox text-to-speech from the command line.
   vc       voice conversion: SOURCE speech in a target voice -> audio file
   vc-eval  sweep voice-conversion controls; how far each moves the speaker
   voices   the voice library: add, list, remove
+  tokens   audio corpus -> speech-token dataset (encode), its statistics (analyze), merging (bpe)
   bench    per-stage speed, optionally against the reference
   export   ONNX graphs of a model, checked against torch (a bundle for onnxruntime, TensorRT)
   engines  TensorRT engines from an exported bundle: build, list, clean
@@ -280,6 +283,7 @@ MAX_CHUNK_CHARS = MAX_SEGMENT_CHARS  # text per T3 request (chatterbox_rt.longte
 SENTENCE_GAP_S = JOIN_PAUSE_S  # silence between the segments of a long text
 DUMMY_VARIANT = "chatterbox"
 POST_CHOICES = ("clean",)  # chatterbox_rt.post.POST_MODES (not imported here: the parser loads no numpy)
+MERGE_METHODS = ("rl", "bpe", "rl-bpe", "cross-scale")  # chatterbox_rt.tokens.merge.METHODS (likewise)
 PROGRESS_POLL_S = 0.2  # how often the progress bar looks at a long text's segments
 # Random weights rarely emit the end-of-speech token, so dummy runs stop here unless told otherwise.
 DUMMY_MAX_NEW_TOKENS = 50
@@ -962,6 +966,85 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_tokens_encode(args) -> int:
+    from .tokens import encode
+
+    if args.codec == "s3":
+        if args.snac_checkpoint:
+            raise ValueError("--snac-checkpoint applies to --codec snac")
+        if not args.ckpt and not args.dummy_weights:
+            raise ValueError("no model: give --ckpt DIR (a Chatterbox checkpoint directory; its S3Gen file holds the "
+                             "S3 tokenizer) or --dummy-weights (seeded random weights; the tokens are meaningless)")
+        if args.ckpt:
+            _check_vc_checkpoint(args.ckpt)
+    else:
+        if not args.snac_checkpoint:
+            from .tokens.snac import GET_CHECKPOINT
+
+            raise ValueError(f"--codec snac needs --snac-checkpoint DIR: {GET_CHECKPOINT}")
+        if args.ckpt or args.dummy_weights:
+            _note("--codec snac reads --snac-checkpoint; --ckpt / --dummy-weights (the S3 tokenizer's) are unused")
+    for option, value in (("--batch-size", args.batch_size), ("--max-files", args.max_files)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be an integer >= 1, got {value}")
+    if args.segment_length is not None and not args.segment_length >= 0.04:  # chatterbox_rt.tokens.encode.MIN_SEGMENT_S
+        raise ValueError(f"--segment-length must be at least 0.04 s (one S3 token), got {args.segment_length:g}")
+    _check_seed(args.seed)
+    _check_threads(args.threads)
+    device = _device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.codec == "s3" and args.dummy_weights:
+        _note("--dummy-weights: the S3 tokenizer's weights are RANDOM, so the tokens are meaningless (the work and "
+              "its speed are real); use --ckpt DIR for real tokens")
+    result = encode(args.input_dir, args.out, ckpt=args.ckpt if args.codec == "s3" else None,
+                    dummy_weights=args.dummy_weights and args.codec == "s3", seed=args.seed or 0, codec=args.codec,
+                    segment_length=args.segment_length, batch_size=args.batch_size, max_files=args.max_files,
+                    snac_checkpoint=args.snac_checkpoint, device=device, progress=not args.no_progress,
+                    overwrite=args.overwrite)
+    for rel, why in result.skipped.items():
+        _note(f"skipped {rel}: {why}")
+    print(result.summary())
+    meta = result.metadata
+    print(f"{args.out}: {meta['files_encoded']} file(s), {meta['segments']} segment(s), "
+          f"{meta['total_duration_s']:.1f} s of audio ({meta['codec']}, checkpoint {meta['checkpoint_hash']})")
+    return 0
+
+
+def cmd_tokens_analyze(args) -> int:
+    from .tokens.analyze import analyze, plot
+
+    for out, what in ((args.json, "--json"), (args.plot, "--plot")):
+        if out is not None and not Path(out).expanduser().parent.is_dir():
+            raise ValueError(f"{what} {out}: {Path(out).expanduser().parent} is not a directory")
+    result = analyze(Path(args.out_dir).expanduser())
+    print(result.format_table())
+    if args.json:
+        path = Path(args.json).expanduser()
+        result.to_json(path)
+        print(f"wrote {path}")
+    if args.plot:
+        folder = Path(args.plot).expanduser()
+        folder.mkdir(exist_ok=True)
+        for path in plot(result, folder):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_tokens_bpe(args) -> int:
+    from .tokens.merge import evaluate
+
+    save = Path(args.save).expanduser()
+    if not save.parent.is_dir():
+        raise ValueError(f"--save {args.save}: {save.parent} is not a directory")
+    rules, report = evaluate(Path(args.out_dir).expanduser(), args.method, merges=args.merges, min_freq=args.min_freq)
+    print(report.format())
+    print(f"wrote {rules.save(save)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------
@@ -1174,6 +1257,53 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name", metavar="NAME")
     _library_option(rm)
     rm.set_defaults(func=cmd_voices_remove)
+
+    tk = sub.add_parser("tokens", help="speech-token datasets: encode an audio corpus, analyze it, merge tokens")
+    tsub = tk.add_subparsers(dest="tokens_command", required=True)
+    te = tsub.add_parser("encode", help="audio files -> S3 speech tokens (or SNAC codes) in Parquet",
+                         description="Encode every audio file under INPUT_DIR (wav, flac, mp3, ogg; any rate; "
+                                     "channels averaged) with the S3 tokenizer of a Chatterbox checkpoint (--ckpt: its "
+                                     "S3Gen file) or with SNAC (--codec snac), into OUT_DIR/tokens_batch_XXXX.parquet "
+                                     "(one row per segment) and metadata.json. A re-run into the same OUT_DIR skips "
+                                     "the files already there; unreadable or empty files are reported and skipped.")
+    te.add_argument("input_dir", metavar="INPUT_DIR", help="folder of audio files (searched recursively)")
+    te.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created; resumed if it exists)")
+    src = te.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", metavar="DIR", help="Chatterbox checkpoint directory (its S3Gen file holds the "
+                                                   "S3 tokenizer)")
+    src.add_argument("--dummy-weights", action="store_true",
+                     help="seeded random tokenizer weights (VC --dummy-weights' tokenizer; the tokens are meaningless)")
+    te.add_argument("--codec", default="s3", choices=("s3", "snac"),
+                    help="s3: S3 speech tokens, 25 Hz (default); snac: SNAC's multi-scale codes (the snac extra)")
+    te.add_argument("--segment-length", type=float, default=None, metavar="SECONDS",
+                    help="cut files into segments this long (default: whole files)")
+    te.add_argument("--batch-size", type=int, default=16, metavar="N", help="utterances per model call (default 16)")
+    te.add_argument("--max-files", type=int, default=None, metavar="N", help="only the first N files (sorted by path)")
+    te.add_argument("--snac-checkpoint", metavar="PATH", default=None,
+                    help="with --codec snac: a local SNAC directory (config.json + pytorch_model.bin); nothing is "
+                         "downloaded")
+    te.add_argument("--overwrite", action="store_true",
+                    help="replace what OUT_DIR holds instead of resuming it (needed for other settings)")
+    te.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the default: cuda if present)")
+    te.add_argument("--seed", type=int, default=None, help="--dummy-weights' seed (default 0)")
+    te.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    te.add_argument("--no-progress", action="store_true", help="no progress bar")
+    te.set_defaults(func=cmd_tokens_encode)
+    ta = tsub.add_parser("analyze", help="token statistics of an encoded OUT_DIR: is merging worth it?")
+    ta.add_argument("out_dir", metavar="OUT_DIR", help="a folder written by `chatterbox-rt tokens encode`")
+    ta.add_argument("--json", metavar="F", default=None, help="write the statistics as JSON to F")
+    ta.add_argument("--plot", metavar="DIR", default=None,
+                    help="write rank-frequency and run-length plots (PNG, matplotlib) into DIR")
+    ta.set_defaults(func=cmd_tokens_analyze)
+    tb = tsub.add_parser("bpe", help="learn weight-free token merges on an encoded OUT_DIR and report the gain")
+    tb.add_argument("out_dir", metavar="OUT_DIR", help="a folder written by `chatterbox-rt tokens encode`")
+    tb.add_argument("--method", required=True, choices=MERGE_METHODS,
+                    help="rl: run-length; bpe: byte-pair merges; rl-bpe: both; cross-scale: SNAC frames across scales")
+    tb.add_argument("--merges", type=int, default=1000, metavar="N", help="merges to learn at most (default 1000)")
+    tb.add_argument("--min-freq", type=int, default=2, metavar="N",
+                    help="a pair merges only if it occurs at least N times (default 2)")
+    tb.add_argument("--save", required=True, metavar="RULES.json", help="write the learned rules to this file")
+    tb.set_defaults(func=cmd_tokens_bpe)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech)",
                         description="Serve the model over HTTP: OpenAI's /v1/audio/speech (streamed or whole; mp3, "
