@@ -968,6 +968,7 @@ def cmd_serve(args) -> int:
 
 def cmd_tokens_encode(args) -> int:
     from .tokens import encode
+    from .tokens.encode import MIN_SEGMENT_S
 
     if args.codec == "s3":
         if args.snac_checkpoint:
@@ -987,8 +988,9 @@ def cmd_tokens_encode(args) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--max-files", args.max_files)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be an integer >= 1, got {value}")
-    if args.segment_length is not None and not args.segment_length >= 0.04:  # chatterbox_rt.tokens.encode.MIN_SEGMENT_S
-        raise ValueError(f"--segment-length must be at least 0.04 s (one S3 token), got {args.segment_length:g}")
+    if args.segment_length is not None and not args.segment_length >= MIN_SEGMENT_S:
+        raise ValueError(f"--segment-length must be at least {MIN_SEGMENT_S:g} s (one S3 token), "
+                         f"got {args.segment_length:g}")
     _check_seed(args.seed)
     _check_threads(args.threads)
     device = _device(args.device)

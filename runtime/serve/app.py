@@ -301,12 +301,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
                 kw[k] = getattr(body, k)
         stream = bool(body.stream) and getattr(state.tts, "backend", "torch") == "torch"
         fmt, speed = body.response_format, float(body.speed)
-        if fmt == "aac":
-            try:
-                import av  # noqa: F401 - only to know before any work whether AAC can be written here
-            except ImportError:
-                raise APIError(400, "response_format 'aac' needs PyAV on the server (pip install av); choose "
-                                    "another format", param="response_format", code="unsupported_format") from None
+        _check_writable(fmt)
         if not state.try_acquire():
             raise APIError(429, f"the server is busy ({state.max_inflight} requests in flight); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -409,12 +404,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
             source, targets, voice_id, kw, fmt = parse_form(form)
         except FormError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
-        if fmt == "aac":
-            try:
-                import av  # noqa: F401 - know before any work whether AAC can be written here
-            except ImportError:
-                raise APIError(400, "response_format 'aac' needs PyAV on the server (pip install av); choose "
-                                    "another format", param="response_format", code="unsupported_format") from None
+        _check_writable(fmt)
         src_wav, src_sr = _read_clip(await source.read(), param="file")
         if targets:
             clips = [_read_clip(await t.read(), param="target") for t in targets]
@@ -661,6 +651,16 @@ def _need_library(state: ServerState):
         raise APIError(404, "this server has no voice library (start it with --library DIR)",
                        type="not_found_error", code="no_library")
     return state.library
+
+
+def _check_writable(fmt: str) -> None:
+    """Before any work: a 400 if this server cannot write ``fmt`` (AAC needs PyAV)."""
+    if fmt == "aac":
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise APIError(400, "response_format 'aac' needs PyAV on the server (pip install av); choose "
+                                "another format", param="response_format", code="unsupported_format") from None
 
 
 def _read_clip(data: bytes, param: str = "file"):

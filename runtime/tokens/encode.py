@@ -36,6 +36,7 @@ reported, never fatal. Reading and resampling the next files overlaps the model'
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -99,8 +100,9 @@ def list_array(values: Sequence[np.ndarray], dtype):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype, copy=False)))
 
 
-class Codec:
-    """What the encoder needs of a codec. ``scales`` maps metadata's scale names to token columns."""
+class Codec(abc.ABC):
+    """What the encoder needs of a codec (``S3Codec``, ``snac.SnacCodec``). ``scales`` maps
+    metadata's scale names to token columns."""
 
     name: str
     sample_rate: int
@@ -110,16 +112,17 @@ class Codec:
     checkpoint_file: Optional[str] = None
     scales: dict
 
+    @abc.abstractmethod
     def schema_fields(self) -> list:
-        raise NotImplementedError
+        """The pyarrow fields of the codec's columns."""
 
+    @abc.abstractmethod
     def encode(self, wavs: Sequence[np.ndarray]) -> list[dict]:
         """Mono float32 waveforms -> per waveform ``{column: value}`` for the codec's columns."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def columns(self, rows: list[dict]) -> dict:
         """The codec's pyarrow columns for ``rows`` (as from :meth:`encode`)."""
-        raise NotImplementedError
 
     def config(self) -> dict:
         """What a resumed run must match."""

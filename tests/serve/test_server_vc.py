@@ -9,7 +9,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")

@@ -14,6 +14,7 @@ import soundfile as sf
 
 from chatterbox_rt import cli
 from chatterbox_rt.cli import main, split_text
+from _cli import assert_user_error, run  # noqa: E402 - tests/ is on sys.path (conftest)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CLIP6 = DATA / "speech_en_6s.wav"  # Nano needs a clip of at least 5 s
@@ -48,21 +49,6 @@ def fast_load(shared_tts, monkeypatch):
 
     monkeypatch.setattr(cli, "_load_tts", load)
     return shared_tts
-
-
-def run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_user_error(rc, err, match):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error:" in ln]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    assert errors[0].startswith("chatterbox-rt: error: ") and match in errors[0], err
 
 
 def read_wav(path):

@@ -17,8 +17,9 @@ import torch
 
 from chatterbox_rt.audio import resample
 from chatterbox_rt.cli import main
+from _cli import assert_user_error, run  # noqa: E402 - tests/ is on sys.path (conftest)
 from chatterbox_rt.vc import VC, VCControls
-from chatterbox_rt.vc_eval import (SWEEPABLE, SweepResult, SweepRow, load_voice_encoder, make_grid, parse_sweep,
+from chatterbox_rt.vc_eval import (SWEEPABLE, SweepRow, load_voice_encoder, make_grid, parse_sweep,
                                    sweep)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,21 +33,6 @@ COSINES = ("ve_target", "ve_source", "campplus_target", "campplus_source")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_user_error(rc, err, match):
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error:" in ln]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    assert errors[0].startswith("chatterbox-rt: error: ") and match in errors[0], err
-
 
 def cos(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
