@@ -35,6 +35,16 @@ void int8_linear_meta(at::Tensor& out, const at::Tensor& x, const at::Tensor& q,
   check_int8_linear(out, x, q, scale);
 }
 
+void ngram_counts_meta(at::Tensor& sizes, at::Tensor& n_sizes, at::Tensor& ones, const at::Tensor& tokens,
+                       const at::Tensor& lengths, int64_t vocab_size) {
+  check_ngram_counts(sizes, n_sizes, ones, tokens, lengths, vocab_size);
+}
+
+void token_stats_meta(at::Tensor& code_counts, at::Tensor& run_hist, const at::Tensor& tokens,
+                      const at::Tensor& lengths) {
+  check_token_stats(code_counts, run_hist, tokens, lengths);
+}
+
 }  // namespace
 }  // namespace chatterbox_rt
 
@@ -54,6 +64,15 @@ TORCH_LIBRARY(chatterbox_rt, m) {
   m.def("euler(Tensor(a!) out, Tensor x, Tensor v, Tensor dt) -> ()");
   // out [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]: weight-only INT8 (T3 with int8 weights), fp32 x/out
   m.def("int8_linear(Tensor(a!) out, Tensor x, Tensor q, Tensor scale) -> ()");
+  // Exact n-gram counts, n = 1..max_n (= sizes.size(0)), of tokens [N] cut into rows of lengths [R]:
+  // sizes[n-1, :n_sizes[n-1]] = sizes of the n-gram groups of >= 2 (lexicographic order), ones[n-1] =
+  // n-grams seen once (CPU only; chatterbox_rt.tokens.analyze)
+  m.def(
+      "ngram_counts(Tensor(a!) sizes, Tensor(b!) n_sizes, Tensor(c!) ones, Tensor tokens, Tensor lengths, "
+      "int vocab_size) -> ()");
+  // code_counts [V] = occurrences of each token, run_hist [L] = runs of L equal tokens within a row
+  // (L >= 1; run_hist must be longer than the longest row), of the same stream (CPU only)
+  m.def("token_stats(Tensor(a!) code_counts, Tensor(b!) run_hist, Tensor tokens, Tensor lengths) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(chatterbox_rt, Meta, m) {
@@ -63,6 +82,8 @@ TORCH_LIBRARY_IMPL(chatterbox_rt, Meta, m) {
   m.impl("cfg_euler_refresh", &chatterbox_rt::cfg_euler_refresh_meta);
   m.impl("euler", &chatterbox_rt::euler_meta);
   m.impl("int8_linear", &chatterbox_rt::int8_linear_meta);
+  m.impl("ngram_counts", &chatterbox_rt::ngram_counts_meta);
+  m.impl("token_stats", &chatterbox_rt::token_stats_meta);
 }
 
 // `import chatterbox_rt._C` needs a module init; loading the library is what registers the ops.

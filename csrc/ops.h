@@ -29,6 +29,9 @@ void cfg_euler_refresh_cpu(at::Tensor& x, at::Tensor& x_in, const at::Tensor& v,
                            double cfg_rate);
 void euler_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& v, const at::Tensor& dt);
 void int8_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+void ngram_counts_cpu(at::Tensor& sizes, at::Tensor& n_sizes, at::Tensor& ones, const at::Tensor& tokens,
+                      const at::Tensor& lengths, int64_t vocab_size);
+void token_stats_cpu(at::Tensor& code_counts, at::Tensor& run_hist, const at::Tensor& tokens, const at::Tensor& lengths);
 // cuda/*.cu, compiled only into CUDA builds (setup.py)
 void snake_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& alpha, double eps);
 void istft_cuda(at::Tensor& out, const at::Tensor& spec, const at::Tensor& window, int64_t n_fft, int64_t hop,
@@ -86,6 +89,70 @@ inline void check_int8_linear(const at::Tensor& out, const at::Tensor& x, const 
   check_same_device("int8_linear", x, q, "q");
   check_same_device("int8_linear", x, scale, "scale");
   check_out("int8_linear", out, x, {x.size(0), q.size(0)}, at::kFloat);
+}
+
+// ngram_counts packs a token as its value + 1 in bit_length(vocab_size) bits (0 = before the row
+// start) and carries the max_n - 1 tokens before each window in at most 95 bits; it keeps a few
+// words per possible token (vocab_size < 2^20, as tokens/analyze.py's numpy path).
+constexpr int kNgramCarryBits = 95;
+constexpr int64_t kNgramMaxVocab = (int64_t{1} << 20) - 1;
+
+inline int ngram_digit_bits(int64_t vocab_size) {
+  int b = 0;
+  while (b < 63 && (int64_t{1} << b) <= vocab_size) ++b;
+  return b;
+}
+
+// A token stream: tokens [N] (uint8/int16/int32/int64) cut into rows of lengths [R] (int64).
+inline void check_token_stream(const char* op, const at::Tensor& tokens, const at::Tensor& lengths) {
+  const auto t = tokens.scalar_type();
+  TORCH_CHECK(t == at::kByte || t == at::kShort || t == at::kInt || t == at::kLong, op,
+              ": tokens must be uint8, int16, int32 or int64, got ", t);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.is_contiguous(), op, ": tokens must be a contiguous 1-D tensor, got shape ",
+              tokens.sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.is_contiguous(), op,
+              ": lengths must be a contiguous 1-D int64 tensor of row lengths, got ", lengths.scalar_type(), " ",
+              lengths.sizes());
+  TORCH_CHECK(lengths.device() == tokens.device(), op, ": lengths are on ", lengths.device(), " but tokens on ",
+              tokens.device());
+}
+
+inline void check_int64_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& tokens) {
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D int64 tensor, got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(out.device() == tokens.device(), op, ": ", name, " is on ", out.device(), " but tokens on ",
+              tokens.device());
+}
+
+inline void check_ngram_counts(const at::Tensor& sizes, const at::Tensor& n_sizes, const at::Tensor& ones,
+                               const at::Tensor& tokens, const at::Tensor& lengths, int64_t vocab_size) {
+  check_token_stream("ngram_counts", tokens, lengths);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= kNgramMaxVocab, "ngram_counts: vocab_size must be in [1, ",
+              kNgramMaxVocab, "], got ", vocab_size);
+  TORCH_CHECK(sizes.scalar_type() == at::kInt && sizes.dim() == 2 && sizes.is_contiguous(),
+              "ngram_counts: sizes must be a contiguous int32 [max_n, capacity] tensor, got ", sizes.scalar_type(), " ",
+              sizes.sizes());
+  TORCH_CHECK(sizes.device() == tokens.device(), "ngram_counts: sizes is on ", sizes.device(), " but tokens on ",
+              tokens.device());
+  const int64_t K = sizes.size(0);
+  TORCH_CHECK(K >= 1, "ngram_counts: sizes must have max_n >= 1 rows, got ", K);
+  const int b = ngram_digit_bits(vocab_size);
+  TORCH_CHECK((K - 1) * b <= kNgramCarryBits, "ngram_counts: max_n = ", K, " with ", b,
+              "-bit tokens (vocab_size ", vocab_size, ") needs ", (K - 1) * b, " bits of context per window, more than ",
+              kNgramCarryBits, "; use the numpy path (chatterbox_rt.tokens.analyze) for these");
+  check_int64_out("ngram_counts", "n_sizes", n_sizes, tokens);
+  check_int64_out("ngram_counts", "ones", ones, tokens);
+  TORCH_CHECK(n_sizes.size(0) == K && ones.size(0) == K, "ngram_counts: n_sizes and ones must be [max_n] = [", K,
+              "], got ", n_sizes.sizes(), " and ", ones.sizes());
+}
+
+inline void check_token_stats(const at::Tensor& code_counts, const at::Tensor& run_hist, const at::Tensor& tokens,
+                              const at::Tensor& lengths) {
+  check_token_stream("token_stats", tokens, lengths);
+  check_int64_out("token_stats", "code_counts", code_counts, tokens);
+  check_int64_out("token_stats", "run_hist", run_hist, tokens);
+  TORCH_CHECK(code_counts.size(0) >= 1, "token_stats: code_counts must be [vocab_size], vocab_size >= 1, got ",
+              code_counts.sizes());
 }
 
 inline int64_t istft_out_len(int64_t hop, int64_t n_frames) { return n_frames > 0 ? hop * (n_frames - 1) : 0; }

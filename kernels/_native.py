@@ -8,6 +8,8 @@ wrappers below allocate outputs and call the ops.
 
 Math (references in runtime/models/s3gen): ``snake`` = hift.py Snake.forward; ``istft`` =
 decode's exp/sin head + ``_istft`` + clamp; ``cfg_euler``/``euler`` = cfm.py's Euler updates.
+``ngram_counts`` (CPU only, its own availability check) = the exact n-gram counting of
+chatterbox_rt.tokens.analyze (``_ngram_counts_fast``, numpy).
 """
 from __future__ import annotations
 
@@ -66,6 +68,44 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: Opti
     return out
 
 
+def ngram_counts_available() -> bool:
+    """True when the extension is loaded with its CPU token-statistics kernels (``ngram_counts`` and
+    ``token_stats``, for chatterbox_rt.tokens.analyze)."""
+    return load() is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{op}", "CPU")
+                                      for op in ("ngram_counts", "token_stats"))
+
+
+def ngram_counts(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
+                 max_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact n-gram counts, n = 1..max_n, of ``tokens [N]`` (uint8/int16/int32/int64 in
+    [0, vocab_size)) cut into rows of ``lengths [R]`` (int64, summing to N); no n-gram crosses a row.
+
+    Returns ``(sizes [max_n, N // 2] int32, n_sizes [max_n], ones [max_n])``: the n-grams that occur
+    at least twice have the counts ``sizes[n - 1, :n_sizes[n - 1]]`` (lexicographic order of the
+    n-grams), ``ones[n - 1]`` n-grams occur once. Only the rows' used prefixes of ``sizes`` are
+    written (a level has at most N / 2 such groups; the rest of the buffer is never touched).
+    Needs ``(max_n - 1) * vocab_size.bit_length() <= 95``."""
+    n = tokens.numel()
+    sizes = torch.empty(max_n, n // 2, dtype=torch.int32)
+    n_sizes = torch.empty(max_n, dtype=torch.int64)
+    ones = torch.empty(max_n, dtype=torch.int64)
+    _ops().ngram_counts(sizes, n_sizes, ones, tokens, lengths, vocab_size)
+    return sizes, n_sizes, ones
+
+
+def token_stats(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
+                longest: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(code_counts [vocab_size], run_hist [longest + 1])`` (int64) of the same token stream as
+    ``ngram_counts``: occurrences of each token, and how many runs of L equal tokens there are
+    (``run_hist[L]``; runs end at row boundaries). ``longest``: the longest row (computed if None)."""
+    if longest is None:
+        longest = int(lengths.max()) if lengths.numel() else 0
+    code_counts = torch.empty(vocab_size, dtype=torch.int64)
+    run_hist = torch.empty(longest + 1, dtype=torch.int64)
+    _ops().token_stats(code_counts, run_hist, tokens, lengths)
+    return code_counts, run_hist
+
+
 def _dt_tensor(dt: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """dt as a 1-element tensor on x's device (a float becomes a device tensor without a host sync)."""
     if isinstance(dt, torch.Tensor):
@@ -118,4 +158,5 @@ def euler(x: torch.Tensor, v: torch.Tensor, dt: Union[float, torch.Tensor],
     return out
 
 
-__all__ = ["load", "available", "snake", "istft", "cfg_euler", "cfg_euler_", "euler", "OPS"]
+__all__ = ["load", "available", "snake", "istft", "cfg_euler", "cfg_euler_", "euler", "OPS", "ngram_counts",
+           "ngram_counts_available", "token_stats"]

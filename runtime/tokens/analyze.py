@@ -18,25 +18,43 @@
 The recommendation uses the thresholds of the issue's tokenizer-analysis document: "good" when
 gini > 0.8 and sparsity > 0.95, "poor" when gini < 0.6 and sparsity < 0.8, else "moderate".
 
-Counting is exact and vectorised (numpy). A window's tokens are packed as digits of
-``bit_length(vocab_size)`` bits (digit = token + 1, 0 = past the row's end) into int64 keys; after
-one sort, every n whose key is a prefix of the sorted key is read off the same array (n-grams with
-an equal n-prefix are adjacent). Three sorts cover n = 1..7 for streams of up to 2^24 tokens with
-13-bit digits (``_ngram_counts_fast``): 3 digits with the window's position packed below them (so
-the sort also yields each window's 3-gram rank, without an argsort), rank3 + 3 digits (n = 4..6),
-and rank3(i), rank3(i + 3), digit 6 (n = 7). Longer streams and n > 7 take ``_ngram_counts_staged``:
-as many digits as fit in 63 bits per stage, the previous stage's dense rank as the prefix.
-Throughput: ``profiling/bench_tokens_analyze.py``.
+Counting is exact, on one of two paths that give the same statistics to the last bit (the tests
+compare them value for value):
+
+* C++ (``chatterbox_rt._C``: ``ngram_counts``, csrc/cpu/ngram_counts.cpp, and ``token_stats`` for
+  the code counts and runs), used where the extension is built and ``(max_n - 1) *
+  bit_length(vocab_size) <= 95``. No sort: the windows are kept ordered by their n-gram one n at a
+  time, each level induced from the previous one by a counting sort on the token *before* each
+  window (bucket sizes known from the token counts, so one pass per level); a window alone in its
+  n-gram group is not copied further but counted for every longer n its row allows. It reports the
+  counts of the n-grams seen at least twice and the number seen once (``_ngram_summary``), which is
+  all the statistics need.
+* numpy (the fallback; ``CHATTERBOX_RT_KERNELS=native`` or ``ngram_path="numpy"`` forces it). A
+  window's tokens are packed as digits of ``bit_length(vocab_size)`` bits (digit = token + 1, 0 =
+  past the row's end) into int64 keys; after one sort, every n whose key is a prefix of the sorted
+  key is read off the same array (n-grams with an equal n-prefix are adjacent). Three sorts cover
+  n = 1..7 for streams of up to 2^24 tokens with 13-bit digits (``_ngram_counts_fast``): 3 digits
+  with the window's position packed below them (so the sort also yields each window's 3-gram rank,
+  without an argsort), rank3 + 3 digits (n = 4..6), and rank3(i), rank3(i + 3), digit 6 (n = 7).
+  Longer streams and n > 7 take ``_ngram_counts_staged``: as many digits as fit in 63 bits per
+  stage, the previous stage's dense rank as the prefix.
+
+Throughput (``profiling/bench_tokens_analyze.py``, 10 M speech-like tokens, n = 1..7, one core of
+the 2-core CI VM): the whole ``analyze`` call 0.69 s = 14.5 M tokens/s on the C++ path, 3.2 s on
+numpy's (BENCHMARKS.md, issue 15).
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+
+logger = logging.getLogger("chatterbox_rt")
 
 CODEC_VOCAB = {"s3": 6561, "snac": 4096}  # S3 speech tokens (3^8 FSQ codes); SNAC codebook per scale
 BATCH_GLOB = "tokens_batch_*.parquet"
@@ -132,10 +150,18 @@ def infer_codec(sequences: Sequences) -> str:
     raise ValueError(f"scale names {names} are neither ['s3'] nor ['scale_0', 'scale_1', ...]")
 
 
+_TOKEN_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.int64)  # kept as they come; others -> int64
+
+
 def _flatten(seqs: list[np.ndarray], vocab_size: int, name: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
-    """(tokens as int64, per-row lengths), after checking that every token is in [0, vocab_size)."""
+    """(tokens, per-row int64 lengths), after checking that every token is in [0, vocab_size).
+
+    The tokens keep their integer dtype (the encoder's int16: a quarter of int64's memory traffic);
+    other dtypes become int64."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    flat = np.concatenate([np.asarray(s).ravel() for s in seqs]).astype(np.int64) if seqs else np.zeros(0, np.int64)
+    flat = np.concatenate([np.asarray(s).ravel() for s in seqs]) if seqs else np.zeros(0, np.int64)
+    if flat.dtype not in _TOKEN_DTYPES:
+        flat = flat.astype(np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         raise ValueError(f"{name}: tokens must lie in [0, {vocab_size}), found [{flat.min()}, {flat.max()}]")
     return flat, lengths
@@ -157,7 +183,8 @@ class _Windows:
         self.bits = int(vocab_size).bit_length()  # digits in [1, vocab_size], 0 = past the end
         self.digit_mask = (1 << self.bits) - 1
         self.digits = np.zeros(self.n + max_n, np.int64)
-        self.digits[:self.n] = tok + 1
+        self.digits[:self.n] = tok
+        self.digits[:self.n] += 1
         lengths = lengths[lengths > 0]
         self.lengths = lengths
         ends = np.cumsum(lengths)
@@ -278,9 +305,88 @@ def _ngram_counts_staged(w: _Windows, max_n: int) -> dict[int, np.ndarray]:
     return out
 
 
+# The C++ counter (csrc/cpu/ngram_counts.cpp: the windows kept sorted one n at a time by induced
+# copying, no sort) gives the same counts; it carries the max_n - 1 tokens before each window in 95 bits.
+CPP_CARRY_BITS = 95
+NGRAM_PATHS = ("auto", "cpp", "numpy", "fast", "staged")
+_fallback_logged: list = []
+
+
+def _cpp_fits(n_tokens: int, vocab_size: int, max_n: int) -> bool:
+    return (max_n - 1) * int(vocab_size).bit_length() <= CPP_CARRY_BITS and n_tokens < 2 ** 31
+
+
+def _cpp_available() -> bool:
+    """Whether "auto" uses the C++ kernels (ngram_counts, token_stats): where the extension is built.
+
+    ``CHATTERBOX_RT_KERNELS`` (kernels/dispatch.py) overrides it: ``cpp`` requires the extension
+    (KernelUnavailable if it is missing), any other backend means numpy (there is no other form)."""
+    from ..kernels import _native, dispatch
+
+    forced = dispatch.requested()
+    if forced not in (None, "cpp"):
+        return False
+    if _native.ngram_counts_available():
+        return True
+    if forced == "cpp":
+        raise dispatch.KernelUnavailable(f"{dispatch.ENV_VAR}=cpp but the native extension has no ngram_counts "
+                                         "kernel (reinstall with `pip install -e . --no-build-isolation`)")
+    if not _fallback_logged:
+        _fallback_logged.append(True)
+        logger.info("chatterbox_rt tokens analyze: the native token-statistics kernels are not built; using numpy")
+    return False
+
+
+def _ngram_summary_cpp(tok: np.ndarray, lengths: np.ndarray, vocab_size: int,
+                       max_n: int) -> dict[int, tuple[np.ndarray, int]]:
+    import torch
+
+    from ..kernels import _native
+
+    if tok.dtype == np.int8:
+        tok = tok.astype(np.int16)
+    elif tok.dtype == np.uint16:
+        tok = tok.astype(np.int32)
+    sizes, n_sizes, ones = _native.ngram_counts(torch.from_numpy(np.ascontiguousarray(tok)),
+                                                torch.from_numpy(np.ascontiguousarray(lengths, np.int64)),
+                                                int(vocab_size), max_n)
+    n_sizes, ones = n_sizes.tolist(), ones.tolist()
+    return {n: (sizes[n - 1, :n_sizes[n - 1]].numpy(), ones[n - 1]) for n in range(1, max_n + 1)}
+
+
+def _ngram_summary(tok: np.ndarray, lengths: np.ndarray, vocab_size: int, max_n: int,
+                   path: str = "auto") -> dict[int, tuple[np.ndarray, int]]:
+    """n -> (the counts >= 2 of the distinct n-grams, how many n-grams occur once), n = 1..max_n.
+
+    What the statistics need, without the millions of 1s: the C++ counter's output as it comes.
+    ``path`` as for ``_ngram_counts_flat``; numpy's counts are split the same way."""
+    if path not in NGRAM_PATHS:
+        raise ValueError(f"path must be one of {NGRAM_PATHS}, got {path!r}")
+    if tok.size == 0:
+        return {n: (np.zeros(0, np.int64), 0) for n in range(1, max_n + 1)}
+    if int(vocab_size).bit_length() > 20:
+        raise ValueError(f"vocab_size {vocab_size} is too large to pack (at most 2^20 - 1 codes)")
+    if path == "cpp" or (path == "auto" and _cpp_fits(tok.size, vocab_size, max_n) and _cpp_available()):
+        if not _cpp_fits(tok.size, vocab_size, max_n):
+            raise ValueError(f"the C++ n-gram counter carries at most {CPP_CARRY_BITS} bits of context: "
+                             f"max_n {max_n} with vocab_size {vocab_size} needs {(max_n - 1) * int(vocab_size).bit_length()}")
+        return _ngram_summary_cpp(tok, lengths, vocab_size, max_n)
+    counts = _ngram_counts_flat(tok, lengths, vocab_size, max_n, "numpy" if path == "auto" else path)
+    return {n: (c[c >= 2], int(np.count_nonzero(c == 1))) for n, c in counts.items()}
+
+
 def _ngram_counts_flat(tok: np.ndarray, lengths: np.ndarray, vocab_size: int, max_n: int,
                        path: str = "auto") -> dict[int, np.ndarray]:
-    """n -> the counts of the distinct n-grams (any order), n = 1..max_n, no n-gram spanning two rows."""
+    """n -> the counts of the distinct n-grams (any order), n = 1..max_n, no n-gram spanning two rows.
+
+    ``path``: "cpp" (the C++ counter: the counts >= 2 in lexicographic order of their n-grams, then the
+    1s), "fast" (three sorts, n <= 7) or "staged" (numpy, any n), "numpy" (fast where its keys fit,
+    else staged) or "auto" (cpp where it is built and fits, else numpy). All give the same multiset."""
+    if path in ("auto", "cpp"):
+        return {n: np.concatenate([big, np.ones(once, np.int64)])
+                for n, (big, once) in _ngram_summary(tok, lengths, vocab_size, max_n, path).items()}
+    if path not in NGRAM_PATHS:
+        raise ValueError(f"path must be one of {NGRAM_PATHS}, got {path!r}")
     if tok.size == 0:
         return {g: np.zeros(0, np.int64) for g in range(1, max_n + 1)}
     w = _Windows(tok, lengths, vocab_size, max_n)
@@ -293,7 +399,7 @@ def _ngram_counts_flat(tok: np.ndarray, lengths: np.ndarray, vocab_size: int, ma
     fast = max(3 * b + p, 2 * p + b) <= 63 and max_n <= FAST_MAX_N
     if path == "fast" and not fast:
         raise ValueError("the fast n-gram path does not fit this stream in 63-bit keys")
-    if path == "fast" or (path == "auto" and fast):
+    if path == "fast" or (path == "numpy" and fast):
         return _ngram_counts_fast(w, max_n)
     return _ngram_counts_staged(w, max_n)
 
@@ -313,17 +419,28 @@ def gini(counts: np.ndarray) -> float:
     return float(2.0 * np.dot(np.arange(1, n + 1), x) / (n * total) - (n + 1) / n)
 
 
-def _top_share(counts: np.ndarray, k: int, total: int) -> float:
-    """Share of ``total`` held by the ``k`` largest counts.
+TOP_SHARE_CANDIDATES = 4096  # above this many candidates _top_share sums through a histogram instead
 
-    Through the histogram of the counts, not np.partition: introselect crawls on millions of
-    tied small counts (1.1 s for the 10 M 7-gram counts of a 10 M-token stream, against 30 ms).
+
+def _top_share(counts: np.ndarray, k: int, total: int, ones: int = 0) -> float:
+    """Share of ``total`` held by the ``k`` largest of ``counts`` (all >= 1) and ``ones`` more 1s.
+
+    A 1 is the smallest count, so the ``ones`` only matter when ``counts`` has fewer than ``k``. No
+    np.partition (introselect crawls on millions of tied small counts: 1.1 s for the 10 M 7-gram
+    counts of a 10 M-token stream): the k largest are among the counts >= t, t the smallest of the
+    maxima of k blocks (those are k entries >= t), usually a few; with more candidates than
+    ``TOP_SHARE_CANDIDATES`` (ties), their histogram gives the sum.
     """
-    if total == 0 or counts.size == 0:
+    if total == 0 or counts.size + ones == 0:
         return 0.0
     if counts.size <= k:
-        return float(counts.sum() / total)
-    hist = np.bincount(counts)[::-1]  # hist[j] = how many n-grams occur max - j times
+        return float((int(counts.sum()) + min(ones, k - counts.size)) / total)
+    whole = counts.size // k * k
+    t = counts[:whole].reshape(k, -1).max(axis=1).min()
+    cand = counts[counts >= t]
+    if cand.size <= TOP_SHARE_CANDIDATES:
+        return float(int(np.sort(cand)[-k:].sum()) / total)
+    hist = np.bincount(cand)[::-1]  # hist[j] = how many n-grams occur max - j times
     value = np.arange(hist.size - 1, -1, -1)
     n_at_least = np.cumsum(hist)
     j = int(np.searchsorted(n_at_least, k))  # the k-th largest count is value[j]
@@ -375,27 +492,56 @@ class ScaleStats:
         return d
 
 
-def scale_stats(name: str, sequences: list[np.ndarray], vocab_size: int, max_n: int = MAX_N) -> ScaleStats:
+def _token_stats(tok: np.ndarray, lengths: np.ndarray, vocab_size: int, cpp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(code counts [vocab_size], run-length histogram: [L] = runs of L equal tokens within a row),
+    from the C++ kernel (one pass) or numpy."""
+    if cpp:
+        import torch
+
+        from ..kernels import _native
+
+        if tok.dtype == np.int8:
+            tok = tok.astype(np.int16)
+        elif tok.dtype == np.uint16:
+            tok = tok.astype(np.int32)
+        longest = int(lengths.max()) if lengths.size else 0
+        code_counts, run_hist = _native.token_stats(torch.from_numpy(np.ascontiguousarray(tok)),
+                                                    torch.from_numpy(np.ascontiguousarray(lengths, np.int64)),
+                                                    int(vocab_size), longest)
+        return code_counts.numpy(), run_hist.numpy()
+    code_counts = np.bincount(tok, minlength=vocab_size)
+    # Runs: a new run starts at every row start and wherever the token changes.
+    new_run = np.ones(tok.size, bool)
+    new_run[1:] = tok[1:] != tok[:-1]
+    new_run[np.cumsum(lengths[lengths > 0])[:-1]] = True
+    run_len = np.diff(np.flatnonzero(new_run), append=tok.size)
+    return code_counts, np.bincount(run_len, minlength=1)
+
+
+def scale_stats(name: str, sequences: list[np.ndarray], vocab_size: int, max_n: int = MAX_N,
+                ngram_path: str = "auto") -> ScaleStats:
+    """The statistics of one scale. ``ngram_path`` picks the counters (``_ngram_counts_flat``):
+    "auto" and "cpp" use the C++ kernels for the token counts and runs too, the numpy paths numpy."""
     tok, lengths = _flatten(sequences, vocab_size, name)
     n_tok, n_seq = int(tok.size), len(sequences)
-    code_counts = np.bincount(tok, minlength=vocab_size)
+    if ngram_path not in NGRAM_PATHS:
+        raise ValueError(f"ngram_path must be one of {NGRAM_PATHS}, got {ngram_path!r}")
+    cpp = ngram_path == "cpp" or (ngram_path == "auto" and _cpp_available())
+    code_counts, run_hist = _token_stats(tok, lengths, vocab_size, cpp)
     used = int(np.count_nonzero(code_counts))
     rank_freq = np.sort(code_counts[code_counts > 0])[::-1]
     cum = np.cumsum(rank_freq)
     top_k = {k: float(cum[min(k, used) - 1] / n_tok) if used else 0.0 for k in TOP_K}
 
-    grams = _ngram_counts_flat(tok, lengths, vocab_size, max(max_n, 2))
+    grams = _ngram_summary(tok, lengths, vocab_size, max(max_n, 2), ngram_path)
     totals = {n: int(np.maximum(lengths - n + 1, 0).sum()) for n in grams}
-    uniq = {n: int(c.size) for n, c in grams.items()}
+    uniq = {n: int(big.size) + once for n, (big, once) in grams.items()}
     diversity = {n: uniq[n] / totals[n] if totals[n] else 0.0 for n in grams}
-    top10 = {n: _top_share(c, NGRAM_TOP, totals[n]) for n, c in grams.items()}
+    top10 = {n: _top_share(big, NGRAM_TOP, totals[n], once) for n, (big, once) in grams.items()}
     sparsity = 1.0 - uniq[2] / used ** 2 if used else 0.0
 
-    # Runs: a new run starts at every row start and wherever the token changes.
-    new_run = np.ones(n_tok, bool)
-    new_run[1:] = tok[1:] != tok[:-1]
-    new_run[np.cumsum(lengths[lengths > 0])[:-1]] = True
-    run_len = np.diff(np.flatnonzero(new_run), append=n_tok)
+    n_runs = int(run_hist.sum())
+    longest_run = int(np.flatnonzero(run_hist)[-1]) if n_runs else 0
     with_pred = n_tok - int(np.count_nonzero(lengths))
     g = gini(code_counts)
     return ScaleStats(
@@ -406,11 +552,11 @@ def scale_stats(name: str, sequences: list[np.ndarray], vocab_size: int, max_n: 
         ngram_diversity={n: diversity[n] for n in range(1, max_n + 1)},
         ngram_top10_coverage={n: top10[n] for n in range(1, max_n + 1)},
         transition_sparsity=sparsity,
-        repetition_rate=(n_tok - run_len.size) / with_pred if with_pred else 0.0,
-        mean_run_length=float(run_len.mean()) if run_len.size else 0.0,
-        max_run_length=int(run_len.max()) if run_len.size else 0,
+        repetition_rate=(n_tok - n_runs) / with_pred if with_pred else 0.0,
+        mean_run_length=n_tok / n_runs if n_runs else 0.0,  # the runs cover every token once
+        max_run_length=longest_run,
         recommendation=recommend(g, sparsity),
-        rank_frequency=rank_freq, run_length_hist=np.bincount(run_len) if run_len.size else np.zeros(1, np.int64))
+        rank_frequency=rank_freq, run_length_hist=run_hist[:longest_run + 1].copy())
 
 
 @dataclass
@@ -478,10 +624,12 @@ class TokenAnalysis:
 
 
 def analyze(source: Union[str, Path, Sequences], *, vocab_size: Optional[int] = None,
-            codec: Optional[str] = None, max_n: int = MAX_N) -> TokenAnalysis:
+            codec: Optional[str] = None, max_n: int = MAX_N, ngram_path: str = "auto") -> TokenAnalysis:
     """Statistics of every scale of ``source`` (an OUT_DIR or a dict as from ``load_sequences``).
 
     ``codec`` and ``vocab_size`` default to metadata.json's, then to the codec's codebook size.
+    ``ngram_path`` picks the n-gram counter ("auto": C++ where built, else numpy; see
+    ``_ngram_counts_flat``); every path gives the same statistics.
     """
     if not 1 <= max_n <= 16:
         raise ValueError(f"max_n must be in [1, 16], got {max_n}")
@@ -495,7 +643,7 @@ def analyze(source: Union[str, Path, Sequences], *, vocab_size: Optional[int] = 
     vocab_size = int(vocab_size or meta.get("vocab_size") or CODEC_VOCAB[codec])
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    scales = {name: scale_stats(name, seqs, vocab_size, max_n) for name, seqs in source.items()}
+    scales = {name: scale_stats(name, seqs, vocab_size, max_n, ngram_path) for name, seqs in source.items()}
     best = max((s.recommendation for s in scales.values()), key=RECOMMENDATIONS.index, default="poor")
     return TokenAnalysis(codec=codec, scales=scales, recommendation=best, max_n=max_n)
 

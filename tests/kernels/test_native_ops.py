@@ -5,9 +5,14 @@ independent of the kernel dispatch (hift.py's Snake may itself run this extensio
 Snake.forward's expression; istft = HiFT's head (exp, clip, sin, cos, complex, torch.istft,
 clamp) and the masked ``_istft`` overlap-add; cfg_euler/euler = cfm.py's Euler updates. fp32 is held to the TOL
 table; low-precision inputs are compared with the fp32 reference cast down (elementwise ops, fp32
-math inside), or with flash-attention's rule for the iSTFT's reductions. ``torch.library.opcheck``
-checks schemas, Meta kernels and fake-tensor tracing. Skipped when the extension is not built.
+math inside), or with flash-attention's rule for the iSTFT's reductions. ``ngram_counts`` and
+``token_stats`` (chatterbox_rt.tokens.analyze's counters) are compared with a Counter over every
+window and a Python loop over the runs. ``torch.library.opcheck`` checks schemas, Meta kernels and
+fake-tensor tracing. Skipped when the extension is not built.
 """
+import collections
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,7 @@ BATCHES = [1, 3]
 CFG_SHAPES = [(1, 80, 37), (3, 63, 101), (1, 1, 1)]
 CFG_RATE = 0.7
 FP32_TOL = TOL[torch.float32]
+CPU_ONLY = ("ngram_counts", "token_stats")
 
 has_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _native.available("cuda")),
                               reason="needs a GPU and an extension built with CUDA")
@@ -220,6 +226,107 @@ def test_euler(dtype):
 def test_available():
     assert _native.available("cpu")
     assert not _native.available("tpu")
+    assert _native.ngram_counts_available()
+
+
+# -- ngram_counts, token_stats (chatterbox_rt.tokens.analyze) ---------------------------------------
+
+# Vocabularies: 2 (1-bit digits), 3, the codecs' (4096 is 13 bits like 6561), and 2^19 - 1, whose
+# 19-bit tokens fill all 95 bits of context at max_n = 6 (the wide format's limit).
+NGRAM_VOCABS = [2, 3, 4096, 6561, 2 ** 19 - 1]
+
+
+def _rows(seed, vocab, n_rows=None, alphabet=None, max_len=14):
+    """Random rows over a small alphabet of the vocabulary (so n-grams repeat), lengths 0..max_len."""
+    rng = np.random.default_rng(seed)
+    alphabet = alphabet or min(vocab, int(rng.integers(1, 6)))
+    codes = rng.choice(vocab, size=alphabet, replace=False)
+    n_rows = n_rows or int(rng.integers(1, 25))
+    return [codes[rng.integers(0, alphabet, int(rng.integers(0, max_len + 1)))] for _ in range(n_rows)]
+
+
+def _ngram_ref(rows, max_n):
+    """n -> (counts >= 2 in lexicographic order of the n-grams, number of n-grams seen once)."""
+    out = {}
+    for n in range(1, max_n + 1):
+        c = collections.Counter(tuple(r[i:i + n].tolist()) for r in rows for i in range(len(r) - n + 1))
+        out[n] = ([c[g] for g in sorted(c) if c[g] >= 2], sum(1 for v in c.values() if v == 1))
+    return out
+
+
+def _stream(rows, dtype=torch.int64):
+    tokens = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(dtype)
+    return tokens, torch.tensor([len(r) for r in rows], dtype=torch.int64)
+
+
+def _max_n_for(vocab, want=7):
+    return min(want, 1 + 95 // vocab.bit_length())
+
+
+@pytest.mark.parametrize("vocab", NGRAM_VOCABS)
+def test_ngram_counts_match_counter(vocab):
+    for seed in range(12):
+        rows = _rows(seed, vocab)
+        rows.append(np.full(9, rows[0][0] if len(rows[0]) else 0))  # one long run
+        tokens, lengths = _stream(rows)
+        for max_n in sorted({1, 2, 3, 5, _max_n_for(vocab)}):
+            if max_n > _max_n_for(vocab):
+                continue
+            sizes, n_sizes, ones = _native.ngram_counts(tokens, lengths, vocab, max_n)
+            want = _ngram_ref(rows, max_n)
+            for n in range(1, max_n + 1):
+                got = sizes[n - 1, :n_sizes[n - 1]].tolist()
+                assert (got, int(ones[n - 1])) == want[n], f"vocab {vocab} seed {seed} max_n {max_n} n {n}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_ngram_counts_token_dtypes(dtype):
+    rows = _rows(5, 200, n_rows=30, alphabet=4)
+    sizes, n_sizes, ones = _native.ngram_counts(*_stream(rows, dtype), 200, 7)
+    want = _ngram_ref(rows, 7)
+    for n in range(1, 8):
+        assert (sizes[n - 1, :n_sizes[n - 1]].tolist(), int(ones[n - 1])) == want[n], (dtype, n)
+
+
+def test_ngram_counts_edge_cases():
+    # no tokens; empty rows only; one row; rows shorter than max_n; one token
+    for rows in ([], [np.zeros(0, np.int64)] * 3, [np.array([3, 3, 3, 1, 3, 3, 3, 1])],
+                 [np.array([1, 2]), np.array([], np.int64), np.array([1]), np.array([1, 2, 1])], [np.array([0])]):
+        sizes, n_sizes, ones = _native.ngram_counts(*_stream(rows), 4, 7)
+        want = _ngram_ref(rows, 7)
+        for n in range(1, 8):
+            assert (sizes[n - 1, :n_sizes[n - 1]].tolist(), int(ones[n - 1])) == want[n], (rows, n)
+    # a long row of one token: one n-gram per n, seen N - n + 1 times
+    sizes, n_sizes, ones = _native.ngram_counts(torch.zeros(1000, dtype=torch.int16), torch.tensor([1000]), 6561, 7)
+    assert n_sizes.tolist() == [1] * 7 and ones.tolist() == [0] * 7
+    assert [int(sizes[n - 1, 0]) for n in range(1, 8)] == [1001 - n for n in range(1, 8)]
+
+
+def _runs_ref(rows, vocab):
+    counts = np.bincount(np.concatenate(rows), minlength=vocab) if rows else np.zeros(vocab, np.int64)
+    hist = collections.Counter()
+    for r in rows:
+        i = 0
+        while i < len(r):
+            j = i
+            while j < len(r) and r[j] == r[i]:
+                j += 1
+            hist[j - i] += 1
+            i = j
+    return counts, hist
+
+
+@pytest.mark.parametrize("vocab", [2, 6561, 2 ** 17])
+def test_token_stats_match_python(vocab):
+    for seed in range(10):
+        rows = _rows(seed, vocab, max_len=200 if seed % 2 else 14)  # long rows take the 64-wide path
+        tokens, lengths = _stream(rows, torch.int32)
+        code_counts, run_hist = _native.token_stats(tokens, lengths, vocab)
+        counts, hist = _runs_ref(rows, vocab)
+        assert code_counts.tolist() == counts.tolist()
+        assert run_hist[0] == 0 and {L: int(c) for L, c in enumerate(run_hist.tolist()) if c} == dict(hist)
+    code_counts, run_hist = _native.token_stats(*_stream([]), vocab)
+    assert not code_counts.any() and run_hist.tolist() == [0]
 
 
 def _opcheck_cases():
@@ -233,6 +340,10 @@ def _opcheck_cases():
     yield "cfg_euler", (torch.empty_like(x), x, v, dt, CFG_RATE)
     yield "cfg_euler_refresh", (x.clone(), torch.empty_like(v), v, dt, CFG_RATE)
     yield "euler", (torch.empty_like(x), x, torch.randn_like(x), dt)
+    tokens, lengths = torch.tensor([1, 2, 1, 2, 0, 1, 2], dtype=torch.int16), torch.tensor([4, 0, 3])
+    yield "ngram_counts", (torch.empty(7, 3, dtype=torch.int32), torch.empty(7, dtype=torch.int64),
+                           torch.empty(7, dtype=torch.int64), tokens, lengths, 6561)
+    yield "token_stats", (torch.empty(6561, dtype=torch.int64), torch.empty(5, dtype=torch.int64), tokens, lengths)
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_cases()), ids=lambda a: a if isinstance(a, str) else "")
@@ -245,6 +356,11 @@ def test_meta_tensors():
     ops.snake(torch.empty_like(x), x, torch.empty(5, device="meta"), EPS)
     with pytest.raises(RuntimeError, match=r"alpha must be \[C\]"):
         ops.snake(torch.empty_like(x), x, torch.empty(4, device="meta"), EPS)
+    tokens, lengths = torch.empty(9, dtype=torch.int16, device="meta"), torch.empty(2, dtype=torch.int64, device="meta")
+    counts = [torch.empty(7, dtype=torch.int64, device="meta") for _ in range(2)]
+    ops.ngram_counts(torch.empty(7, 4, dtype=torch.int32, device="meta"), *counts, tokens, lengths, 6561)
+    with pytest.raises(RuntimeError, match=r"n_sizes and ones must be \[max_n\]"):
+        ops.ngram_counts(torch.empty(6, 4, dtype=torch.int32, device="meta"), *counts, tokens, lengths, 6561)
 
 
 BAD_INPUTS = [
@@ -270,6 +386,20 @@ BAD_INPUTS = [
     ("cfg_euler_", lambda: _native.cfg_euler_(torch.randn(2, 3, 5), torch.randn(4, 3, 5), 0.1, CFG_RATE,
                                               torch.empty(2, 3, 5)), "out has shape"),
     ("euler", lambda: _native.euler(torch.randn(2, 3, 5), torch.randn(2, 3, 4), 0.1), "v must match x"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, 5]), torch.tensor([2]), 5, 3), r"\[0, vocab_size = 5\)"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, -1]), torch.tensor([2]), 5, 3), r"found -1"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, 2]), torch.tensor([3]), 5, 3), "add up to 3"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, 2]), torch.tensor([3, -1]), 5, 3), "must be >= 0"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1.0, 2.0]), torch.tensor([2]), 5, 3), "uint8, int16"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, 2]), torch.tensor([2]), 6561, 9), "numpy path"),
+    ("ngram_counts", lambda: _native.ngram_counts(torch.tensor([1, 2]), torch.tensor([2]), 2 ** 20, 2), "vocab_size"),
+    ("ngram_counts", lambda: ops.ngram_counts(torch.empty(3, 0, dtype=torch.int32), torch.empty(3, dtype=torch.int64),
+                                              torch.empty(3, dtype=torch.int64), torch.tensor([1, 2, 1]),
+                                              torch.tensor([3]), 5), "room for N / 2"),
+    ("token_stats", lambda: _native.token_stats(torch.tensor([1, 5]), torch.tensor([2]), 5), r"\[0, vocab_size = 5\)"),
+    ("token_stats", lambda: _native.token_stats(torch.tensor([1, 2, 2]), torch.tensor([3]), 5, longest=2),
+     "longest row"),
+    ("token_stats", lambda: _native.token_stats(torch.tensor([1, 2]), torch.tensor([1, 2]), 5), "add up to 3"),
 ]
 
 
@@ -319,5 +449,7 @@ class TestCUDA:
 
     def test_opcheck(self):
         for name, args in _opcheck_cases():
+            if name in CPU_ONLY:
+                continue
             args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
             torch.library.opcheck(getattr(ops, name).default, args)

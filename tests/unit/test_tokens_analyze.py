@@ -1,6 +1,8 @@
 """chatterbox_rt.tokens.analyze: exact statistics on hand-made token streams, parquet loading, plots.
 
-The vectorised n-gram counting is compared with a pure-Python Counter over every window.
+The n-gram counters (numpy's two paths and the C++ one, csrc/cpu/ngram_counts.cpp) are compared
+with a pure-Python Counter over every window, and the whole analysis from the C++ kernels with the
+numpy path's, value for value.
 """
 import collections
 import json
@@ -10,13 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from chatterbox_rt.kernels import _native, dispatch
 from chatterbox_rt.tokens.analyze import (
-    GOOD_GINI, GOOD_SPARSITY, POOR_GINI, POOR_SPARSITY, _flatten, _ngram_counts_flat, _top_share, analyze,
-    gini, load_sequences, ngram_counts, plot, recommend, scale_stats,
+    GOOD_GINI, GOOD_SPARSITY, POOR_GINI, POOR_SPARSITY, _flatten, _ngram_counts_flat, _ngram_summary, _top_share,
+    analyze, gini, load_sequences, ngram_counts, plot, recommend, scale_stats,
 )
 
 # Vocabularies: tiny (many repeats), odd sizes, and the codecs' own.
 VOCABS = (2, 3, 7, 4096, 6561)
+HAS_CPP = _native.ngram_counts_available()
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the native extension (chatterbox_rt._C) is not built")
+PATHS = ["fast", "staged", pytest.param("cpp", marks=needs_cpp)]
 
 
 def write_dataset(out_dir, rows, codec="s3", batch_rows=2, vocab_size=None):
@@ -51,7 +57,7 @@ def counter_ngrams(seqs, n):
 # ---------------------------------------------------------------------------------------------
 # n-gram counting against the Counter oracle
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["fast", "staged"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("vocab", VOCABS)
 def test_ngram_counts_match_counter(vocab, path):
     rng = np.random.default_rng(vocab)
@@ -85,10 +91,89 @@ def test_ngrams_never_cross_rows():
 
 def test_top_share_matches_sorting():
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        counts = rng.integers(1, 6, int(rng.integers(1, 40)))
+    for trial in range(300):
+        counts = rng.integers(1, int(rng.integers(2, 40)), int(rng.integers(1, 300)))
+        if trial % 4 == 0:
+            counts[:] = counts[0]  # all tied: the histogram branch
         for k in (1, 3, 10, 100):
-            assert _top_share(counts, k, 1000) == pytest.approx(np.sort(counts)[::-1][:k].sum() / 1000)
+            want = float(np.sort(counts)[::-1][:k].sum() / 1000)
+            assert _top_share(counts, k, 1000) == want
+            # the same with the 1s apart, as the C++ counter reports them
+            assert _top_share(counts[counts >= 2], k, 1000, int(np.count_nonzero(counts == 1))) == want
+
+
+def _random_sources(seed):
+    """Awkward token streams: empty input, empty rows, rows shorter than 7, one row, long runs."""
+    rng = np.random.default_rng(seed)
+    yield 6561, [np.zeros(0, np.int16)]
+    yield 6561, [np.array([5], np.int16)]
+    yield 6561, [np.array([1, 2, 3], np.int16), np.zeros(0, np.int16), np.array([4, 4], np.int16)]
+    yield 2, [rng.integers(0, 2, 400)]  # one row
+    yield 4096, [rng.integers(0, 4096, int(rng.integers(0, 9))) for _ in range(40)]  # mostly shorter than 7
+    for vocab in (2, 3, 4096, 6561):
+        alphabet = min(vocab, int(rng.integers(2, 7)))
+        codes = rng.choice(vocab, alphabet, replace=False)
+        rows = [np.repeat(codes[rng.integers(0, alphabet, 60)], rng.geometric(0.6, 60))[:int(rng.integers(0, 90))]
+                for _ in range(int(rng.integers(1, 30)))]
+        yield vocab, [r.astype(np.int16) for r in rows]
+
+
+@needs_cpp
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cpp_and_numpy_analyses_are_identical(seed):
+    for vocab, rows in _random_sources(seed):
+        want = analyze({"s3": rows}, vocab_size=vocab, ngram_path="numpy").to_dict(arrays=True)
+        got = analyze({"s3": rows}, vocab_size=vocab, ngram_path="cpp").to_dict(arrays=True)
+        assert got == want, f"vocab {vocab}"
+        tok, lengths = _flatten(rows, vocab)
+        for n, (big, once) in _ngram_summary(tok, lengths, vocab, 7, "cpp").items():
+            ref = _ngram_counts_flat(tok, lengths, vocab, 7, "numpy")[n]
+            assert big.tolist() == ref[ref >= 2].tolist() and once == int(np.count_nonzero(ref == 1))
+
+
+@needs_cpp
+def test_cpp_path_uses_all_95_bits_of_context():
+    # 19-bit tokens, max_n 6: each window carries 5 x 19 = 95 bits of preceding tokens
+    vocab = 2 ** 19 - 1
+    rng = np.random.default_rng(7)
+    codes = np.array([0, 1, vocab - 1, vocab - 2])
+    rows = [codes[rng.integers(0, 4, int(rng.integers(0, 30)))] for _ in range(30)]
+    want = analyze({"s3": rows}, vocab_size=vocab, max_n=6, ngram_path="numpy").to_dict(arrays=True)
+    assert analyze({"s3": rows}, vocab_size=vocab, max_n=6, ngram_path="cpp").to_dict(arrays=True) == want
+    for n in range(1, 7):
+        assert want["scales"]["s3"]["ngram_unique"][str(n)] == len(counter_ngrams(rows, n))
+
+
+@needs_cpp
+def test_token_dtypes_give_the_same_analysis():
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(0, 120, int(rng.integers(0, 40))) for _ in range(20)]
+    want = analyze({"s3": rows}, vocab_size=120, ngram_path="numpy").to_dict(arrays=True)
+    for dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64):
+        for path in ("cpp", "numpy"):
+            got = analyze({"s3": [r.astype(dtype) for r in rows]}, vocab_size=120, ngram_path=path)
+            assert got.to_dict(arrays=True) == want, (dtype, path)
+
+
+def test_backend_choice(monkeypatch):
+    rows = [np.array([1, 2, 1, 2, 1])]
+    monkeypatch.setenv(dispatch.ENV_VAR, "native")  # plain torch elsewhere: numpy here
+    monkeypatch.setattr(_native, "ngram_counts", lambda *a, **k: pytest.fail("the C++ counter ran"))
+    assert analyze({"s3": rows}, vocab_size=8).scales["s3"].ngram_unique[2] == 2
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpp")
+    monkeypatch.setattr(_native, "ngram_counts_available", lambda: False)
+    with pytest.raises(dispatch.KernelUnavailable, match="ngram_counts"):
+        analyze({"s3": rows}, vocab_size=8)
+    monkeypatch.delenv(dispatch.ENV_VAR)  # auto: numpy when the extension is missing
+    assert analyze({"s3": rows}, vocab_size=8).scales["s3"].ngram_unique[2] == 2
+
+
+def test_paths_that_cannot_run_raise():
+    tok, lengths = _flatten([np.array([1, 2, 3])], 6561)
+    with pytest.raises(ValueError, match="path must be one of"):
+        _ngram_counts_flat(tok, lengths, 6561, 3, "radix")
+    with pytest.raises(ValueError, match="95 bits"):
+        _ngram_summary(tok, lengths, 6561, 9, "cpp")  # 8 x 13 = 104 bits of context
 
 
 # ---------------------------------------------------------------------------------------------
