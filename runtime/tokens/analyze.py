@@ -40,7 +40,7 @@ compare them value for value):
   stage, the previous stage's dense rank as the prefix.
 
 Throughput (``profiling/bench_tokens_analyze.py``, 10 M speech-like tokens, n = 1..7, one core of
-the 2-core CI VM): the whole ``analyze`` call 0.69 s = 14.5 M tokens/s on the C++ path, 3.2 s on
+the 2-core CI VM): the whole ``analyze`` call 0.67 s = 14.9 M tokens/s on the C++ path, 3.19 s on
 numpy's (BENCHMARKS.md, issue 15).
 """
 from __future__ import annotations
