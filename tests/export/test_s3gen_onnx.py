@@ -34,7 +34,12 @@ N_FFT, HOP = 16, 4
 PROMPT_TOKENS = 6
 CHECK_SIZES = ((1, 5), (3, 7))  # (batch, tokens): the export's own checks
 MEL_RTOL = 1e-3
-WAV_RTOL = 1e-3
+# Waveforms: each side computes its own F0, and the NSF phase integrates the F0's float-rounding
+# difference over the utterance (x9 for the top harmonic), so voiced waveforms differ by ~1e-3 of
+# their peak depending on the CPU's kernels and thread count (seen: 1.06e-3 at 2 threads on AMD
+# EPYC; above 1e-3 on the CI machine). The phase itself is exact (the module docstring of
+# export/s3gen_onnx.py), and the mels above are held to MEL_RTOL.
+WAV_RTOL = 3e-3
 BATCH_RTOL = 2e-3
 
 

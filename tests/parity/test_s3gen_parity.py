@@ -5,7 +5,7 @@
   a ``CheckpointError`` naming it;
 * ``embed_ref`` on an espeak-ng clip: prompt tokens identical, prompt mel and x-vector allclose;
 * the flow with the reference's own noise draws (10 CFG steps; meanflow 2 steps) and the whole
-  token -> waveform path with the noise off on both sides (relative error <= 1e-3);
+  token -> waveform path with the noise off on both sides (per stage <= 1e-4, whole <= 5e-3);
 * a batch of 3 requests with different prompts and lengths equals 3 single runs.
 """
 import pytest
@@ -80,18 +80,36 @@ def test_flow_parity_with_reference_noise(pair, ref_dicts):
 
 
 def test_tokens_to_waveform_noise_free(pair, ref_dicts, monkeypatch):
+    """Tokens -> waveform with the noise off on both sides, stage by stage and whole.
+
+    The flow's mel and HiFT on the reference's own mel are each held to tight bounds. The whole
+    chain gets the looser 5e-3 of test_tts_parity.test_vc_parity: HiFT's F0 drives a phase
+    accumulator (up to 9 harmonics), so the mel's float-rounding differences, which depend on the
+    CPU's GEMM kernels and thread count, grow over the utterance into ~1e-3 of the waveform (seen:
+    1.4e-3 at one thread on AMD EPYC, and above 1e-3 on the CI machine)."""
     ref_model, ours = pair
     theirs, _ = ref_dicts
     tokens = speech_tokens(seed=1)
+    seen = {}
+    real_hift = ref_model.hift_inference
+
+    def capture(speech_feat, cache_source=None):
+        seen["mel"] = speech_feat.clone()
+        return real_hift(speech_feat, cache_source)
+
     with monkeypatch.context() as m:
         zero_noise(m)
+        m.setattr(ref_model, "hift_inference", capture)
         with torch.inference_mode():
             want, _ = ref_model.inference(tokens, ref_dict=dict(theirs))
-    L = 2 * (theirs["prompt_token"].shape[1] + N_TOKENS)
-    mel, lens = ours.flow_mel(tokens, None, theirs, noise=torch.zeros(1, 80, L))
-    got = ours.hift(mel, lens, noise_free=True)
+        L = 2 * (theirs["prompt_token"].shape[1] + N_TOKENS)
+        mel, lens = ours.flow_mel(tokens, None, theirs, noise=torch.zeros(1, 80, L))
+        assert_close_rel(mel, seen["mel"], f"noise-free mel (meanflow={ours.meanflow})", rtol=1e-4)
+        assert_close_rel(ours.hift(seen["mel"], noise_free=True), want,
+                         f"HiFT on the reference's mel (meanflow={ours.meanflow})", rtol=1e-5)
+        got = ours.hift(mel, lens, noise_free=True)
     assert want.std() > 1e-3
-    assert_close_rel(got, want, f"waveform (meanflow={ours.meanflow})")
+    assert_close_rel(got, want, f"waveform (meanflow={ours.meanflow})", rtol=5e-3)
 
 
 def test_batch_of_three_equals_single_runs(pair, ref_dicts, clip24):
@@ -120,7 +138,9 @@ def test_batch_of_three_equals_single_runs(pair, ref_dicts, clip24):
         # accumulator turns the mel's ~1e-5 rounding differences into ~1e-3 of the waveform (the
         # size depends on the CPU's GEMM kernels), as in test_tts_parity.test_vc_parity.
         one_wav = ours.hift(mel[b: b + 1, :, :m].clone(), noise_free=True)
-        assert_close_rel(wav[b: b + 1, : one_wav.shape[-1]], one_wav, f"batched HiFT, request {b}", rtol=1e-3)
+        # HiFT alone on the same mel: the batch's F0 rounds differently (other GEMM shapes), and the phase
+        # integrates that (seen: 1.4e-3 and 1.8e-3 at 2 threads on AMD EPYC).
+        assert_close_rel(wav[b: b + 1, : one_wav.shape[-1]], one_wav, f"batched HiFT, request {b}", rtol=3e-3)
         alone = ours.hift(one, noise_free=True)
         assert_close_rel(wav[b: b + 1, : alone.shape[-1]], alone, f"batched waveform, request {b}", rtol=5e-3)
 
