@@ -261,6 +261,7 @@ def test_a_20000_character_chapter_through_the_api(nano, short_voice):
     assert wav.numel() > (len(segs) - 1) * pause and torch.isfinite(wav).all()
 
 
+@pytest.mark.slow
 def test_a_20000_character_chapter_through_the_cli(nano, short_voice, tmp_path, capsys, monkeypatch):
     import soundfile as sf
 

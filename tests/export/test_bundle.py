@@ -176,6 +176,7 @@ def test_streaming_is_refused_clearly_on_onnxruntime(ort):
             eng.submit("Hi.", stream=True)
 
 
+@pytest.mark.slow
 def test_backend_onnxruntime_exports_once_into_the_cache(tmp_path, monkeypatch):
     """TTS.from_dummy/from_local(..., backend="onnxruntime"): exported once into the export cache
     (keyed by the weights' hash), then loaded from it; the same weights are not exported again."""

@@ -97,7 +97,9 @@ def _hift():
     return rerandomise_hift_(HiFTGenerator().eval(), 1)
 
 
-@pytest.mark.parametrize("name", [b for b in cpu_backends() if b != "native"])
+# Triton on the CPU is its interpreter: the whole HiFT through it takes ~1 min, so under make test-all only.
+@pytest.mark.parametrize("name", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b
+                                  for b in cpu_backends() if b != "native"])
 def test_hift_same_waveform_through_each_backend(name, backend, one_thread):
     """Snake (with the fused mask of padded batches) and the fused iSTFT head inside the vocoder."""
     model = _hift()

@@ -59,6 +59,7 @@ def _check_concurrency(levels: list, tokens: int, stream: bool) -> None:
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
     out, png, trace = tmp_path / "out.json", tmp_path / "plot.png", tmp_path / "trace.json"
     rc = cli.main(TINY + ["--compare-upstream", "--concurrency", "1,2", "--json", str(out), "--plot", str(png),
@@ -87,6 +88,7 @@ def test_bench_compare_upstream_json_plot_profile(ref, tmp_path, capsys):
     assert {"chatterbox_rt.t3", "chatterbox_rt.cfm", "chatterbox_rt.hift"} <= names
 
 
+@pytest.mark.slow
 def test_bench_ours_only_llama_no_watermark(tmp_path):
     """Without the reference: ``reference`` is null, no ratios; the Llama (CFG) variant's path,
     in the engine too (the default level, one request at a time)."""
@@ -104,6 +106,7 @@ def test_bench_ours_only_llama_no_watermark(tmp_path):
     assert level["engine"]["slots_total"] == 2  # CFG: a conditioned and an unconditioned row per request
 
 
+@pytest.mark.slow
 def test_bench_stream_concurrency_json_plot(tmp_path, capsys):
     """``--stream``: requests stream through the engine at each level (first audio = first chunk),
     and one streamed request alone is timed; the plot is a PNG."""

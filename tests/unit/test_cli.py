@@ -763,6 +763,7 @@ def test_t3_file_and_lora_reach_the_loaders(tmp_path, capsys, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_behaviour_option(tmp_path, capsys, monkeypatch):
     """--behaviour reaches the model (dummy weights here; --ckpt passes it to TTS.from_local);
     with another variant a one-line error."""

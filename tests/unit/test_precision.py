@@ -93,8 +93,10 @@ def _dtypes(tts):
                 ve=next(tts.ve.lstm.parameters()).dtype)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8", "auto", PrecisionConfig(
-    t3_activations="bf16", kv_cache="fp32", flow_encoder="fp16", cfm="bf16", hift="fp32", frontends="bf16")])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.slow), "int8", "auto",
+                                       pytest.param(PrecisionConfig(t3_activations="bf16", kv_cache="fp32", flow_encoder="fp16",
+                                                                    cfm="bf16", hift="fp32", frontends="bf16"),
+                                                    marks=pytest.mark.slow, id="mixed")])
 def test_every_mode_runs_end_to_end(base, precision):
     tts = TTS.from_dummy("nano", seed=0, device="cpu", precision=precision, **SMALL)
     cfg = PrecisionConfig.resolve(precision, device="cpu")
@@ -145,19 +147,32 @@ def test_other_backends_refuse_a_precision():
 # ------------------------------------------------------------------------------ quality
 
 
-@pytest.fixture(scope="module")
-def quality():
-    """The table's measurement at full size (Nano: its 12-layer GPT-2 T3 and the real S3Gen), shorter."""
-    modes = {k: pq.MODES[k] for k in QUALITY_MODES}
-    return pq.measure("nano", modes, steps=60, s3_tokens=30)
-
-
 QUALITY_MODES = ("bf16", "fp16", "int8", "auto (cpu)", "auto (cuda)")
+# make test measures the CPU's modes; the half-precision ones (emulated, slow on a CPU) under make test-all.
+QUALITY_SLOW = ("bf16", "fp16", "auto (cuda)")
+_quality: dict = {}
 
 
-@pytest.mark.parametrize("mode", QUALITY_MODES)
-def test_quality_within_documented_bounds(quality, mode):
-    row, bound = quality[mode], QUALITY_BOUNDS[mode]
+def _measure(modes) -> dict:
+    """The table's measurement at full size (Nano: its 12-layer GPT-2 T3 and the real S3Gen), shorter;
+    once per group of modes per module run."""
+    key = tuple(modes)
+    if key not in _quality:
+        _quality[key] = pq.measure("nano", {k: pq.MODES[k] for k in modes}, steps=60, s3_tokens=30)
+    return _quality[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_quality():
+    yield
+    _quality.clear()
+
+
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) if m in QUALITY_SLOW else m
+                                  for m in QUALITY_MODES])
+def test_quality_within_documented_bounds(mode):
+    group = QUALITY_SLOW if mode in QUALITY_SLOW else tuple(m for m in QUALITY_MODES if m not in QUALITY_SLOW)
+    row, bound = _measure(group)[mode], QUALITY_BOUNDS[mode]
     for metric, limit in bound.items():
         if metric not in row:
             continue

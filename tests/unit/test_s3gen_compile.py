@@ -7,6 +7,7 @@ import torch
 from chatterbox_rt.models.s3gen.s3gen import S3Gen
 
 
+@pytest.mark.slow
 def test_compiled_parts_give_the_same_audio():
     ref = S3Gen.from_dummy(meanflow=True, seed=1)
     comp = S3Gen.from_dummy(meanflow=True, seed=1).compile(backend="eager")

@@ -187,6 +187,7 @@ def test_checkpoint_directory_errors(tmp_path):
         TTS.from_local(tmp_path, device="cpu")
 
 
+@pytest.mark.slow  # bf16 end to end also runs in test_precision.py::test_every_mode_runs_end_to_end
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_reduced_precision_runs_end_to_end(dtype):
     """T3, the flow and HiFT in bf16 (HiFT's 16-point STFTs stay fp32: there is no half-precision
