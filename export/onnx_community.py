@@ -94,7 +94,7 @@ DEFAULT_VOICE = "default_voice.wav"
 
 EXAGGERATION_TOKEN = 6563  # the emotion slot the tokenizer writes first (published EXAGGERATION_TOKEN)
 S3_SR, S3GEN_SR = 16000, 24000
-T3_PROMPT_SECONDS = 6  # ENC_COND_LEN: T3's prompt tokens come from the first 6 s at 16 kHz
+T3_PROMPT_SECONDS = 6  # ENC_COND_LEN: T3's prompt tokens come from the first 6 s at 16 kHz (Turbo/Nano: 15)
 S3GEN_PROMPT_SECONDS = 10  # DEC_COND_LEN: S3Gen's reference is the first 10 s at 24 kHz
 MAX_SPEECH_TOKENS = 2500  # the flow encoder's position table: 5000 mel frames
 NOISE_SEED = 0  # the fixed CFM noise and HiFT source draws
@@ -150,7 +150,15 @@ def graph_specs(t3_cfg) -> dict:
               "total_sequence_length": Dim(1, 257, 4096 + 2048)},
         doc="T3's Llama backbone + speech head, HF-style past/present keys and values; positions "
             "past_sequence_length + [0, T); logits of every position.")
-    cd = GraphSpec(
+    cd = conditional_decoder_spec(
+        "S3Gen: [prompt tokens; new tokens] -> flow encoder -> 10-step CFG CFM (fixed noise) -> the frames "
+        "after the prompt mel -> HiFT (fixed source draws) -> trim-fade; 24 kHz.")
+    return {"speech_encoder": se, "embed_tokens": et, "language_model": lm, "conditional_decoder": cd}
+
+
+def conditional_decoder_spec(doc: str) -> GraphSpec:
+    """The decoder graph's contract, the same in every layout (English, Turbo, Nano)."""
+    return GraphSpec(
         "conditional_decoder", "s3gen",
         inputs=[T("speech_tokens", "int64", "batch_size", "num_speech_tokens"),
                 T("speaker_embeddings", "float32", "batch_size", 192),
@@ -158,12 +166,17 @@ def graph_specs(t3_cfg) -> dict:
         outputs=[T("waveform", "float32", "batch_size", "num_samples")],
         dims={"batch_size": Dim(1, 1, 4), "num_speech_tokens": Dim(4, 400, MAX_SPEECH_TOKENS),
               "feature_dim": Dim(2, 500, 1000)},
-        doc="S3Gen: [prompt tokens; new tokens] -> flow encoder -> 10-step CFG CFM (fixed noise) -> the frames "
-            "after the prompt mel -> HiFT (fixed source draws) -> trim-fade; 24 kHz.")
-    return {"speech_encoder": se, "embed_tokens": et, "language_model": lm, "conditional_decoder": cd}
+        doc=doc)
 
 
 # ------------------------------------------------------------------------------ graph modules
+
+
+def _t3_prompt_seconds(t3_cfg) -> int:
+    """ENC_COND_LEN in seconds: 6 for the Llama variants, 15 for Turbo/Nano (``tts_turbo.py``)."""
+    from .onnx_community_turbo import T3_PROMPT_SECONDS as GPT_SECONDS
+
+    return GPT_SECONDS if t3_cfg.is_gpt else T3_PROMPT_SECONDS
 
 
 class SincResample(nn.Module):
@@ -317,10 +330,13 @@ class SpeechEncoderGraph(nn.Module):
         self.campplus = CAMPPlusGraph(s3gen.speaker_encoder)
         self.s3_tokenizer = S3TokenizerGraph(s3gen.tokenizer)
         self.voice_encoder = VoiceEncoderPipeline(tts.ve)
-        self.speech_emb, self.speech_pos_emb = t3.speech_emb, t3.speech_pos_emb.emb
+        # Turbo/Nano: no prompt positions, no perceiver, 15 s of prompt (onnx_community_turbo)
+        self.speech_emb = t3.speech_emb
+        self.speech_pos_emb = t3.speech_pos_emb.emb if t3.speech_pos_emb is not None else None
         self.spkr_enc, self.perceiver = t3.cond_enc.spkr_enc, t3.cond_enc.perceiver
         self.speaker_embed_size = cfg.speaker_embed_size
         self.prompt_len = cfg.speech_cond_prompt_len
+        self.prompt_samples = _t3_prompt_seconds(cfg) * S3_SR
         self.register_buffer("t3_max_tokens", torch.tensor([cfg.speech_cond_prompt_len]), persistent=False)
         # more than a 10 s reference can have (25 tokens/s)
         self.register_buffer("ref_max_tokens", torch.tensor([S3GEN_PROMPT_SECONDS * 25 + 8]), persistent=False)
@@ -329,12 +345,14 @@ class SpeechEncoderGraph(nn.Module):
         wav24 = audio_values.float()
         # T3's conditioning: the whole clip at 16 kHz
         wav16 = self.resample_t3(wav24)
-        prompt, _ = self.s3_tokenizer(wav16[:, : T3_PROMPT_SECONDS * S3_SR], self.t3_max_tokens)  # [1, P]
+        prompt, _ = self.s3_tokenizer(wav16[:, : self.prompt_samples], self.t3_max_tokens)  # [1, P]
         speaker = self.voice_encoder(wav16[0])  # [1, 256]
-        pos = torch.arange(prompt.shape[1])
-        prompt_emb = self.speech_emb(prompt) + self.speech_pos_emb(pos)[None]
-        cond = torch.cat([self.spkr_enc(speaker.reshape(-1, self.speaker_embed_size))[:, None],
-                          self.perceiver(prompt_emb)], dim=1)
+        prompt_emb = self.speech_emb(prompt)
+        if self.speech_pos_emb is not None:
+            prompt_emb = prompt_emb + self.speech_pos_emb(torch.arange(prompt.shape[1]))[None]
+        if self.perceiver is not None:
+            prompt_emb = self.perceiver(prompt_emb)
+        cond = torch.cat([self.spkr_enc(speaker.reshape(-1, self.speaker_embed_size))[:, None], prompt_emb], dim=1)
         # S3Gen's reference: the first 10 s (S3Gen.embed_ref)
         ref24 = wav24[:, : S3GEN_PROMPT_SECONDS * S3GEN_SR]
         feat = self.prompt_mel(ref24)  # [1, F, 80]
@@ -500,10 +518,12 @@ def reference_speech_encoder(tts, audio: Tensor, *, soxr: bool = False):
         wav16 = _SOXR_LIKE()(wav24[None])[0]
     gen = tts.s3gen.embed_ref(wav24[: S3GEN_PROMPT_SECONDS * S3GEN_SR])
     plen = tts.t3.config.speech_cond_prompt_len
-    prompt, _ = tts.s3gen.tokenizer([wav16[: T3_PROMPT_SECONDS * S3_SR]], max_len=plen)
+    prompt, _ = tts.s3gen.tokenizer([wav16[: _t3_prompt_seconds(tts.t3.config) * S3_SR]], max_len=plen)
     spk = torch.from_numpy(tts.ve.embeds_from_wavs([wav16.numpy()], sample_rate=S3_SR)).mean(dim=0, keepdim=True)
     cond = T3Cond(speaker_emb=spk, cond_prompt_speech_tokens=prompt, emotion_adv=0.5)
-    cond_emb = tts.t3.embed_cond(cond)[:, :-1]  # without the emotion slot
+    cond_emb = tts.t3.embed_cond(cond)
+    if tts.t3.config.emotion_adv:
+        cond_emb = cond_emb[:, :-1]  # without the emotion slot (embed_tokens adds it)
     return (cond_emb, gen["prompt_token"].long(), gen["embedding"], gen["prompt_feat"]), cond
 
 
@@ -700,13 +720,14 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
                           force: bool = False, default_voice=None, n_steps: Optional[int] = None,
                           check_seconds: Sequence[float] = (2.3, 4.1), threads: Optional[int] = None) -> Manifest:
     """Write the onnx-community four-graph bundle of ``tts`` (a torch ``TTS`` of the English model,
+    or of Turbo/Nano: the ResembleAI/chatterbox-turbo-ONNX layout, ``onnx_community_turbo``;
     official or fine-tuned weights) to ``out_dir`` and check each graph against torch.
 
     ``precision``: "fp32" (the graphs); "int4"/"int8" also write ``language_model_q4.onnx`` /
     ``language_model_quantized.onnx`` (weight-only MatMulNBits). ``default_voice``: a clip (path or
     24 kHz array) written as ``default_voice.wav``, the voice ``ChatterboxOnnx.synthesize`` uses
     when given none (a checkpoint's built-in voice has no audio to write). ``n_steps``: CFM steps
-    of the decoder (default 10). ``check_seconds``: clip lengths of the speech encoder's check.
+    of the decoder (default the decoder's: 10, meanflow 2). ``check_seconds``: clip lengths of the speech encoder's check.
     Returns the written ``Manifest`` (``layout="onnx-community"``)."""
     from .s3gen_onnx import native_kernels
 
@@ -716,10 +737,15 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
                          f"int8/int4); got precision {precision!r}")
     if getattr(tts, "backend", "torch") != "torch":
         raise ValueError(f"export needs the torch backend's model; this TTS runs on {tts.backend}")
-    if tts.variant != "chatterbox":
+    from . import onnx_community_turbo as turbo
+
+    if tts.variant not in ("chatterbox",) + turbo.VARIANTS:
         raise NotImplementedError(
-            f"--layout onnx-community is implemented for the English model (onnx-community/chatterbox-ONNX); "
-            f"{tts.variant} is not (Turbo/Nano's ResembleAI/chatterbox-turbo-ONNX layout is not exported yet)")
+            f"--layout onnx-community is implemented for the English model (onnx-community/chatterbox-ONNX) and "
+            f"Turbo/Nano (ResembleAI/chatterbox-turbo-ONNX); {tts.variant} is not: the multilingual bundle "
+            f"(onnx-community/chatterbox-multilingual-ONNX) has its own tokenizer and language-id contract, not "
+            f"implemented here")
+    gpt = tts.variant in turbo.VARIANTS
     if tts.t3.dtype != torch.float32 or tts.s3gen.dtype != torch.float32:
         raise ExportError("export from fp32 weights (load with dtype=torch.float32)")
     hashes = _model_hashes(tts)
@@ -735,20 +761,21 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
     manifest = new_manifest(variant=tts.variant, layout=LAYOUT, precision=precision, opset=opset,
                             model_hash=model_hash, source=getattr(tts, "source", ""), behaviour=tts.behaviour)
     manifest.data["hashes"] = hashes
-    specs = graph_specs(tts.t3.config)
+    specs = (turbo.graph_specs if gpt else graph_specs)(tts.t3.config)
     devices = {m: next(m.parameters()).device for m in (tts.t3, tts.s3gen, tts.ve)}
     for m in devices:
         m.cpu()
     t_all = time.perf_counter()
     try:
         with torch.inference_mode(False), torch.no_grad(), native_kernels():
-            checks, timings = _export_graphs(tts, staging, specs, opset=opset, n_steps=n_steps,
-                                             check_seconds=check_seconds, threads=threads)
+            checks, timings = (turbo.export_graphs if gpt else _export_graphs)(
+                tts, staging, specs, opset=opset, n_steps=n_steps, check_seconds=check_seconds, threads=threads)
             if precision in QUANTIZED_LM:
                 checks.update(_quantized_lm(staging, specs["language_model"], precision, threads))
         # tokenizer, configs, voice
-        (staging / "tokenizer.json").write_text(tokenizer_json(tts), encoding="utf-8")
-        for name, obj in config_files(tts, specs).items():
+        (staging / "tokenizer.json").write_text((turbo.tokenizer_json if gpt else tokenizer_json)(tts),
+                                                encoding="utf-8")
+        for name, obj in (turbo.config_files if gpt else config_files)(tts, specs).items():
             (staging / name).write_text(json.dumps(obj, indent=2) + "\n")
         if default_voice is not None:
             _write_voice(default_voice, staging / DEFAULT_VOICE)
@@ -762,7 +789,8 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
             manifest.data["graphs"][name] = entry
         manifest.data["components"] = {
             LAYOUT: {"graphs": list(checks), "export_s": {k: round(v, 1) for k, v in timings.items()},
-                     "config": {"n_steps": int(n_steps or tts.s3gen.default_steps), "noise_seed": NOISE_SEED,
+                     "config": {"n_steps": int(n_steps or tts.s3gen.default_steps), "meanflow": bool(tts.s3gen.meanflow),
+                                "noise_seed": NOISE_SEED,
                                 "source_noise_frames": SOURCE_NOISE_FRAMES,
                                 "default_voice": DEFAULT_VOICE if default_voice is not None else None,
                                 "tokenizer": "tokenizer.json"}}}
@@ -955,9 +983,12 @@ def _quantized_lm(staging: Path, spec: GraphSpec, precision: str, threads: Optio
     del model, q
     g = torch.Generator().manual_seed(1)
     L = sum(1 for t in spec.inputs if t.name.endswith(".key"))
-    H, Dh, D = spec.inputs[2].axes[1], spec.inputs[2].axes[3], spec.inputs[0].axes[2]
+    past0 = next(t for t in spec.inputs if t.name.endswith(".key"))
+    H, Dh, D = past0.axes[1], past0.axes[3], spec.inputs[0].axes[2]
     feeds = {"inputs_embeds": torch.randn(1, 7, D, generator=g) * 0.5,
              "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    if any(t.name == "position_ids" for t in spec.inputs):  # Turbo/Nano
+        feeds["position_ids"] = torch.arange(7)[None]
     feeds.update({f"past_key_values.{i}.{kv}": torch.zeros(1, H, 0, Dh) for i in range(L) for kv in ("key", "value")})
     ref = run(open_session(src, threads=threads), feeds)[0]
     got = run(open_session(staging / ONNX_DIR / f"{name}.onnx", threads=threads), feeds)[0]
