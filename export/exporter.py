@@ -10,6 +10,7 @@ Native layout (``export/README.md`` documents the names, which are a contract)::
     s3gen_cfm_estimator.onnx     the CFM estimator (dynamic batch, length); weights in its .data file
     s3gen_cfm_loop{N}.onnx       all N Euler steps with CFG, the noise an input (shares the estimator's data)
     s3gen_hift.onnx              mel + source phase/noise -> 24 kHz waveform (exportable iSTFT)
+    s3gen_hift_f0.onnx, s3gen_hift_decode.onnx   HiFT's F0 and filter apart, for streaming (HiFT's .data file)
     voice_encoder.onnx, campplus.onnx, s3_tokenizer.onnx, prompt_mel.onnx   the voice front ends
     extras.safetensors     small tensors used beside the graphs (T3's embeddings, cond encoder)
     voice.pt               the built-in voice (conds.pt layout), when the model has one

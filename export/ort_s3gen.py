@@ -29,7 +29,7 @@ from ..models.s3gen.encoder import concat_prompt_tokens
 from ..models.s3gen.hift import S3GEN_SR, trim_fade
 from ..models.s3gen.s3gen import _pad_rows, _prompt_len
 from ._onnx import open_session, to_numpy
-from .s3gen_onnx import draw_source_noise
+from .s3gen_onnx import STREAM_GRAPHS, draw_source_noise
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -41,13 +41,13 @@ class TorchModuleUnavailable(AttributeError, NotImplementedError):
 
 class _TorchOnly(SimpleNamespace):
     """``S3Gen.flow`` / ``S3Gen.mel2wav`` of the onnxruntime decoder: their ``config`` facts, and a
-    clear error for the torch modules (the streaming path uses them; it needs the torch backend)."""
+    clear error for the torch modules (streaming goes through ``OrtS3Gen.stream_ops`` instead)."""
 
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
         raise TorchModuleUnavailable(f"S3Gen.{self._what}.{name} is a torch module; the onnxruntime S3Gen runs "
-                                     "whole utterances (flow_mel, hift) only")
+                                     "its graphs (flow_mel, hift, stream_ops) only")
 
 
 class OrtS3Gen:
@@ -81,6 +81,18 @@ class OrtS3Gen:
             samples_per_frame=self.samples_per_frame, sampling_rate=int(c["sample_rate"]),
             nb_harmonics=self.source_harmonics - 1))
         self._frontends = None
+        self.pre_lookahead_len = int(c.get("pre_lookahead_len", 3))
+        self._nsf = None  # the excitation's stand-in HiFT (streaming), from config["nsf"] and extras
+        if "nsf" in c and "s3gen.m_source.l_linear.weight" in extras:
+            lin = torch.nn.Linear(self.source_harmonics, 1)
+            with torch.no_grad():
+                lin.weight.copy_(extras["s3gen.m_source.l_linear.weight"].float())
+                lin.bias.copy_(extras["s3gen.m_source.l_linear.bias"].float())
+            nsf = c["nsf"]
+            self._nsf = SimpleNamespace(m_source=SimpleNamespace(l_linear=lin.to(self._device)), config=SimpleNamespace(
+                nb_harmonics=self.source_harmonics - 1, samples_per_frame=self.samples_per_frame,
+                sampling_rate=int(c["sample_rate"]), nsf_alpha=float(nsf["alpha"]), nsf_sigma=float(nsf["sigma"]),
+                nsf_voiced_threshold=float(nsf["voiced_threshold"])))
 
     @classmethod
     def load(cls, bundle_dir: Union[str, Path], config: Mapping, extras: Mapping[str, Tensor], *,
@@ -274,9 +286,76 @@ class OrtS3Gen:
         wav = self._run("hift", {"mel": mel, "mel_lens": mel_lens, "source_phase": phase, "source_noise": noise})[0]
         return trim_fade(wav) if fade else wav
 
+    # ------------------------------------------------------------------ streaming
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether this bundle has what ``S3GenStream`` needs: HiFT's F0 and filter as their own
+        graphs (``s3gen_hift_f0``, ``s3gen_hift_decode``) and the NSF facts. Bundles exported before
+        chatterbox-rt had them lack them: re-export to stream."""
+        graphs = self.config.get("graphs", {})
+        return self._nsf is not None and all(r in graphs for r in STREAM_GRAPHS)
+
+    def stream_ops(self) -> "OrtStreamOps":
+        """The operations ``engine.stream.S3GenStream`` runs, over this bundle's graphs."""
+        if not self.can_stream:
+            raise ValueError("this bundle cannot stream: it lacks HiFT's streaming graphs "
+                             f"({', '.join(STREAM_GRAPHS.values())}) and its NSF settings (it was exported by an "
+                             "older chatterbox-rt); re-export it (chatterbox-rt export ... --force) or "
+                             "submit without stream=True")
+        return OrtStreamOps(self)
+
     def __repr__(self) -> str:
         return (f"OrtS3Gen(meanflow={self.meanflow}, loop_steps={self.loop_steps}, device={self._device}, "
                 f"graphs={sorted(self.config.get('graphs', {}).values())})")
 
 
-__all__ = ["OrtS3Gen", "TorchModuleUnavailable"]
+class OrtStreamOps:
+    """``engine.stream.StreamOps`` over an ``OrtS3Gen``: the flow encoder and CFM graphs, HiFT's F0
+    and filter graphs, and the NSF excitation in torch (``hift.continue_excitation``, as the torch
+    backend builds it, on a stand-in holding the bundle's NSF settings and 9 -> 1 merge)."""
+
+    def __init__(self, s3gen: OrtS3Gen):
+        self.s3gen = s3gen
+        self.token_mel_ratio = s3gen.token_mel_ratio
+        self.pre_lookahead_len = s3gen.pre_lookahead_len
+        self.samples_per_frame = s3gen.samples_per_frame
+        self.sampling_rate = int(s3gen.config["sample_rate"])
+        self.device, self.dtype, self.hift_dtype = s3gen.device, torch.float32, torch.float32
+        self.meanflow = s3gen.meanflow
+
+    def embed_speaker(self, embedding: Tensor) -> Tensor:
+        return self.s3gen.embed_speaker(embedding)
+
+    def encode(self, tokens: Tensor, finalize: bool) -> Tensor:
+        """Tokens ``[1, T]`` (prompt then new, unpadded) -> mu ``[1, 80, 2T]`` (less the look-ahead's
+        frames unless ``finalize``: ``FlowFront.encode_tokens``'s trim)."""
+        lens = torch.tensor([tokens.shape[1]], dtype=torch.long)
+        mu, _ = self.s3gen._run("flow_encoder", {"tokens": tokens.long(), "token_lens": lens})
+        if not finalize:
+            mu = mu[..., : max(0, mu.shape[-1] - self.pre_lookahead_len * self.token_mel_ratio)]
+        return mu
+
+    def decode_mel(self, mu: Tensor, spks: Tensor, cond: Tensor, n_steps: int, noise: Tensor) -> Tensor:
+        mask = torch.ones(mu.shape[0], 1, mu.shape[-1], dtype=torch.float32, device=mu.device)
+        return self.s3gen.cfm(noise.float(), mask, mu, spks, cond, n_steps=n_steps)
+
+    def f0(self, mel: Tensor) -> Tensor:
+        lens = torch.full((mel.shape[0],), mel.shape[-1], dtype=torch.long)
+        return self.s3gen._run("hift_f0", {"mel": mel.float(), "mel_lens": lens})[0]
+
+    def excitation(self, f0: Tensor, cycles: Optional[Tensor], *, noise_free: bool,
+                   generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        from ..models.s3gen.hift import continue_excitation
+
+        return continue_excitation(self.s3gen._nsf, f0, cycles, noise_free=noise_free, generator=generator)
+
+    def vocode(self, mel: Tensor, source: Tensor) -> Tensor:
+        """mel ``[1, 80, M]`` + source ``[1, 1, 480 M]`` -> waveform ``[480 M]`` (no trim-fade)."""
+        B, M = mel.shape[0], mel.shape[-1]
+        lens = torch.full((B,), M, dtype=torch.long)
+        src = source.float().reshape(B, M, self.samples_per_frame)
+        return self.s3gen._run("hift_decode", {"mel": mel.float(), "mel_lens": lens, "source": src})[0][0]
+
+
+__all__ = ["OrtS3Gen", "OrtStreamOps", "TorchModuleUnavailable"]

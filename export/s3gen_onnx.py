@@ -1,12 +1,14 @@
 """S3Gen's ONNX graphs: the flow encoder, the CFM estimator, the whole CFM loop and HiFT.
 
-Four graphs, each declared once as a ``GraphSpec`` (fp32, dynamic batch and length)::
+Six graphs, each declared once as a ``GraphSpec`` (fp32, dynamic batch and length)::
 
     s3gen_flow_encoder    tokens [B, T] int64, token_lens [B] int64 -> mu [B, 80, 2T], mask [B, 1, 2T]
     s3gen_cfm_estimator   x, mask, mu, t [B], spks [B, 80], cond (, r [B] for meanflow) -> v [B, 80, L]
     s3gen_cfm_loop<n>     noise, mask, mu, spks, cond -> mel [B, 80, L]  (n Euler steps, CFG inside)
     s3gen_hift            mel [B, 80, M], mel_lens [B] int64, source_phase [B, 9, 1],
                           source_noise [B, 9, M, 480] -> wav [B, 480 M]
+    s3gen_hift_f0         mel, mel_lens -> f0 [B, M]                    (streaming: HiFT in two pieces,
+    s3gen_hift_decode     mel, mel_lens, source [B, M, 480] -> wav       the excitation built between them)
 
 What stays in torch (``ort_s3gen.OrtS3Gen``): joining each request's prompt and new tokens
 (``concat_prompt_tokens``), the speaker projection (an 80 x 192 affine, kept in ``extras``), the
@@ -115,6 +117,28 @@ HIFT = GraphSpec(
         "(-pi + 2 pi U(0, 1), the first harmonic 0), source_noise = the standard normal draw "
         "[B, 9, 480 M] viewed as [B, 9, M, 480] (zeros for noise_free); samples past 480 mel_lens "
         "are zero. Trim-fade is not applied.")
+
+
+# HiFT in two pieces for streaming (``engine.stream.S3GenStream``): a stream builds each piece's
+# excitation itself (the previous piece's source over the join, then continued from its NSF phase,
+# ``hift.continue_excitation``), so it needs the F0 and the filter apart. Their weights are
+# ``s3gen_hift``'s, stored once in its data file.
+HIFT_F0 = GraphSpec(
+    name="s3gen_hift_f0", component="hift",
+    inputs=[T("mel", "float32", "batch", MEL_BINS, "mel"), T("mel_lens", "int64", "batch")],
+    outputs=[T("f0", "float32", "batch", "mel")],
+    dims={"batch": Dim(1, 1, MAX_BATCH), "mel": Dim(1, 300, MAX_MEL)},
+    doc="HiFT's F0 predictor: mel -> F0 in Hz per mel frame (frames past mel_lens are masked at the input, "
+        "as HiFTGenerator masks them).")
+HIFT_DECODE = GraphSpec(
+    name="s3gen_hift_decode", component="hift",
+    inputs=[T("mel", "float32", "batch", MEL_BINS, "mel"), T("mel_lens", "int64", "batch"),
+            T("source", "float32", "batch", "mel", SAMPLES_PER_FRAME)],
+    outputs=[T("wav", "float32", "batch", "samples")],
+    dims={"batch": Dim(1, 1, MAX_BATCH), "mel": Dim(1, 300, MAX_MEL)},
+    doc="HiFT's filter (HiFTGenerator.decode): mel + the NSF excitation [B, 1, 480 M] viewed as [B, M, 480] "
+        "-> waveform [B, 480 M], zero past 480 mel_lens. Trim-fade is not applied.")
+STREAM_GRAPHS = {"hift_f0": HIFT_F0.file, "hift_decode": HIFT_DECODE.file}
 
 
 def cfm_estimator_spec(meanflow: bool) -> GraphSpec:
@@ -357,6 +381,28 @@ class HiftGraph(nn.Module):
         return HiFTGenerator.decode(self, mel, s, mel_lens)
 
 
+class HiftF0Graph(nn.Module):
+    """``HiFTGenerator.f0_predictor`` with the length mask built from ``mel_lens``."""
+
+    def __init__(self, hift):
+        super().__init__()
+        self.f0_predictor = hift.f0_predictor
+
+    def forward(self, mel: Tensor, mel_lens: Tensor) -> Tensor:
+        mask = length_mask(mel_lens, mel.shape[-1]).to(mel.dtype)[:, None, :]
+        return self.f0_predictor(mel, mask)
+
+
+class HiftDecodeGraph(HiftGraph):
+    """``HiFTGenerator.decode(mel, source, mel_lens)``: the filter of ``HiftGraph`` with the source given."""
+
+    def forward(self, mel: Tensor, mel_lens: Tensor, source: Tensor) -> Tensor:  # noqa: D102
+        from ..models.s3gen.hift import HiFTGenerator
+
+        B, M = mel.shape[0], mel.shape[-1]
+        return HiFTGenerator.decode(self, mel, source.reshape(B, 1, M * self.config.samples_per_frame), mel_lens)
+
+
 # ------------------------------------------------------------------------------ the random draws
 
 
@@ -544,9 +590,25 @@ def export_s3gen(s3gen, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET
             hift_seeds[id(mel)] = 100 + i
         c0 = hift_cases[0]
         model = export_graph(HiftGraph(hift), tuple(c0.values()), HIFT, out_dir, opset=opset)
-        save_model(model, out_dir / HIFT.file)
-        del model
         timings[HIFT.name] = time.perf_counter() - t0
+        # The streaming pieces (F0, filter), their weights shared with s3gen_hift's.
+        t0 = time.perf_counter()
+        f0_cases, dec_cases = [], []
+        for i, c in enumerate(hift_cases):
+            with torch.inference_mode():
+                f0 = HiftF0Graph(hift)(c["mel"], c["mel_lens"])
+                src = hift.excitation(f0, generator=torch.Generator(device=dev).manual_seed(200 + i))
+            f0_cases.append({"mel": c["mel"], "mel_lens": c["mel_lens"]})
+            B, M = c["mel"].shape[0], c["mel"].shape[-1]
+            dec_cases.append({"mel": c["mel"], "mel_lens": c["mel_lens"],
+                              "source": src.reshape(B, M, hift.config.samples_per_frame)})
+        f0_model = export_graph(HiftF0Graph(hift), tuple(f0_cases[0].values()), HIFT_F0, out_dir, opset=opset)
+        dec_model = export_graph(HiftDecodeGraph(hift), tuple(dec_cases[0].values()), HIFT_DECODE, out_dir,
+                                 opset=opset)
+        save_shared({HIFT.name: model, HIFT_F0.name: f0_model, HIFT_DECODE.name: dec_model}, out_dir,
+                    HIFT.file + ".data")
+        del model, f0_model, dec_model
+        timings[HIFT_DECODE.name] = time.perf_counter() - t0
 
     # -- checks against the torch modules (their own kernels), at every check size
     t0 = time.perf_counter()
@@ -576,27 +638,46 @@ def export_s3gen(s3gen, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET
         return hift(mel, mel_lens, generator=gen)
 
     record(HIFT, out_dir / HIFT.file, hift_ref, hift_cases, tol=1e-3)
+
+    def f0_ref(mel, mel_lens):
+        return hift.f0_predictor(mel, length_mask(mel_lens, mel.shape[-1]).float()[:, None, :])
+
+    record(HIFT_F0, out_dir / HIFT_F0.file, f0_ref, f0_cases, tol=1e-4)
+
+    def decode_ref(mel, mel_lens, source):
+        return hift.decode(mel, source.reshape(mel.shape[0], 1, -1), mel_lens)
+
+    # The source is given, so no phase is integrated here (seen: 1.6e-5 on a test model, 1.5e-4 on
+    # the full-size random-weight HiFT, whose convs amplify rounding); HiFT's bound.
+    record(HIFT_DECODE, out_dir / HIFT_DECODE.file, decode_ref, dec_cases, tol=1e-3)
     timings["checks"] = time.perf_counter() - t0
 
     lin = flow.spk_embed_affine_layer
     extras = {"s3gen.spk_embed_affine_layer.weight": lin.weight.detach().float().cpu().clone(),
-              "s3gen.spk_embed_affine_layer.bias": lin.bias.detach().float().cpu().clone()}
+              "s3gen.spk_embed_affine_layer.bias": lin.bias.detach().float().cpu().clone(),
+              "s3gen.m_source.l_linear.weight": hift.m_source.l_linear.weight.detach().float().cpu().clone(),
+              "s3gen.m_source.l_linear.bias": hift.m_source.l_linear.bias.detach().float().cpu().clone()}
     config = {
         "meanflow": meanflow, "n_steps": steps, "default_steps": int(s3gen.default_steps),
         "cfg_rate": float(dcfg.cfg_rate), "t_scheduler": "linear" if meanflow else dcfg.t_scheduler,
         "mel_bins": MEL_BINS, "token_mel_ratio": int(fcfg.token_mel_ratio), "vocab_size": int(fcfg.vocab_size),
         "sample_rate": int(hcfg.sampling_rate), "samples_per_frame": int(hcfg.samples_per_frame),
-        "source_harmonics": SOURCE_HARMONICS,
+        "source_harmonics": SOURCE_HARMONICS, "pre_lookahead_len": int(fcfg.pre_lookahead_len),
+        # The NSF excitation a stream builds beside the graphs (hift.continue_excitation); its
+        # 9 -> 1 merge is in extras.
+        "nsf": {"alpha": float(hcfg.nsf_alpha), "sigma": float(hcfg.nsf_sigma),
+                "voiced_threshold": float(hcfg.nsf_voiced_threshold)},
         # The encoder's relative-position tables are traced at their stored length: longer inputs
         # (which torch handles by rebuilding the table) are outside the graph.
         "max_tokens": int(fcfg.pos_max_len // fcfg.token_mel_ratio),
         "graphs": {"flow_encoder": FLOW_ENCODER.file, "cfm_estimator": est_spec.file, "cfm_loop": loop_spec.file,
-                   "hift": HIFT.file},
+                   "hift": HIFT.file, **STREAM_GRAPHS},
         "export_s": {k: round(v, 2) for k, v in timings.items()},
     }
     return ComponentExport(component="s3gen", graphs=graphs, extras=extras, config=config)
 
 
-__all__ = ["FLOW_ENCODER", "CFM_ESTIMATOR", "CFM_ESTIMATOR_MEANFLOW", "HIFT", "cfm_estimator_spec", "cfm_loop_spec",
+__all__ = ["FLOW_ENCODER", "CFM_ESTIMATOR", "CFM_ESTIMATOR_MEANFLOW", "HIFT", "HIFT_F0", "HIFT_DECODE", "STREAM_GRAPHS", "cfm_estimator_spec", "cfm_loop_spec",
            "export_s3gen", "exportable_stft", "exportable_istft", "draw_source_noise", "native_kernels",
-           "dedupe_initializers", "FlowEncoderGraph", "EstimatorGraph", "CfmLoopGraph", "HiftGraph"]
+           "dedupe_initializers", "FlowEncoderGraph", "EstimatorGraph", "CfmLoopGraph", "HiftGraph",
+           "HiftF0Graph", "HiftDecodeGraph"]

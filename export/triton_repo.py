@@ -515,7 +515,7 @@ class TritonModel:
         self.library = VoiceLibrary(lib)  # None: $CHATTERBOX_RT_VOICES or ~/.cache/chatterbox-rt/voices
         self.engine = self.tts.engine(max_batch=int(self.spec.get("max_batch", 16)), **(model.get("engine") or {}))
         self.generate_defaults = dict(model.get("generate_defaults") or {})
-        self.streaming = getattr(self.tts, "backend", "torch") == "torch"
+        self.streaming = bool(self.tts.can_stream)
         self._lock = threading.Lock()
         self._streams: dict[int, _Stream] = {}
         self._closing = False
@@ -524,7 +524,8 @@ class TritonModel:
                                          daemon=True)
         self._watcher.start()
         self._log("info", f"chatterbox: {self.tts!r}, {self.engine!r}, library {self.library.root}"
-                          + ("" if self.streaming else f"; {self.tts.backend} cannot stream: one chunk per request"))
+                          + ("" if self.streaming else "; this bundle cannot stream (exported without HiFT's "
+                                                         "streaming graphs): one chunk per request"))
 
     def execute(self, requests):
         for request in requests:

@@ -58,7 +58,8 @@ never the concurrency levels.
 ``--stream`` also times streaming alone (``stream`` in the JSON): one request at a time, ``--runs``
 times, through an ``Engine(max_batch=1)`` with the default chunk sizes (a first chunk of 20 tokens,
 then 25): ``first_chunk_ms`` (submit -> first chunk, median and p90), ``total_ms`` (the whole
-request) and ``first_chunk_fraction`` = first_chunk_ms / total_ms.
+request) and ``first_chunk_fraction`` = first_chunk_ms / total_ms. With ``--backend onnxruntime``
+the same runs on each bundle (``stream_backends``, keyed as ``backends``).
 """
 from __future__ import annotations
 
@@ -709,9 +710,11 @@ def format_report(result: dict) -> str:
                 s_ = sp.get(key)
                 lines.append(f"{label:<28} {unit:<6} {cell:>18} {('%.2fx' % s_) if s_ is not None else '-':>9}")
     lines += _concurrency_table(result)
-    st = result.get("stream")
-    if st is not None:
-        lines.append(f"# streaming, one request alone ({st['first_chunk_tokens']}-token first chunk, then "
+    streams = [("", result.get("stream"))] + [(f" on {k}", v) for k, v in (result.get("stream_backends") or {}).items()]
+    for where, st in streams:
+        if st is None:
+            continue
+        lines.append(f"# streaming{where}, one request alone ({st['first_chunk_tokens']}-token first chunk, then "
                      f"{st['chunk_tokens']}): first chunk {_fmt(st['first_chunk_ms'])} ms "
                      f"(p90 {_fmt(st['first_chunk_ms_p90'])}), whole request {_fmt(st['total_ms'])} ms "
                      f"(p90 {_fmt(st['total_ms_p90'])}): first chunk at {_fmt(st['first_chunk_fraction'])} "
@@ -959,6 +962,7 @@ def onnx_sides(ours, args, tmp: Path, clip: Path, text_ids, n: int, watermark: b
         ort = TTS.from_exported(out, threads=args.threads or None)
         side = our_side(ort, clip, text_ids, n, args.seed, watermark)
         side.name = f"onnxruntime-{prec}"
+        side.tts = ort  # (--stream: also streamed alone)
         sides.append(side)
     return sides
 
@@ -1016,10 +1020,15 @@ def run(args) -> dict:
             if args.profile:
                 profile_request(sides[0], stages, Path(args.profile))
         text_for = (lambda i: texts[i % len(texts)])
-        stream = None
+        stream, stream_backends = None, {}
         if args.stream:
             print(f"bench: streaming, one request at a time, {args.runs} runs ...", flush=True)
             stream = run_stream(ours, sides[0].voice, text_for, args.runs, n, longest, args.seed, watermark, language)
+            for s in sides:
+                if getattr(s, "tts", None) is not None:  # another backend of our model (--backend onnxruntime)
+                    print(f"bench: streaming on {s.name} ...", flush=True)
+                    stream_backends[s.name] = run_stream(s.tts, s.voice, text_for, args.runs, n, longest, args.seed,
+                                                         watermark, language)
         print(f"bench: concurrency {','.join(map(str, levels))} through the engine"
               f"{' (streaming)' if args.stream else ''} ...", flush=True)
         concurrency = run_concurrency(ours, sides[0].voice, text_for, levels, n, longest, args.seed, watermark,
@@ -1047,6 +1056,7 @@ def run(args) -> dict:
                             for k, v in summaries.items() if k not in ("ours", "reference")},
         "concurrency": concurrency,
         "stream": stream,
+        "stream_backends": stream_backends,  # --stream with --backend onnxruntime: the same, per bundle
         "peak_host_rss_mb": peak_rss_mb(),
     }
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -180,6 +180,14 @@ class TTS(S3GenPipeline):
         self._lock = threading.RLock()  # T3 owns one KV cache; requests on one TTS run one at a time
 
     @property
+    def can_stream(self) -> bool:
+        """Whether ``stream``/``Engine.submit(stream=True)`` run on this model: always on the torch
+        backend; on an exported bundle when it has HiFT's streaming graphs (every current export)."""
+        from .engine.stream import can_stream
+
+        return can_stream(self.s3gen)
+
+    @property
     def behaviour(self) -> Optional[str]:
         """The multilingual model's behaviour ("0.1.7" or "upstream"); None for other variants."""
         return self.t3.config.behaviour

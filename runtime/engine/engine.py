@@ -42,6 +42,7 @@ from .longtext import LongRequest, OutputChain
 from .request import CANCELLED, DONE, FAILED, Request
 from .cfm_graphs import CFMGraphs
 from .s3gen_runner import S3GenWorkspace, Utterance, decode_batch, group_utterances
+from .stream import S3GenStream, can_stream, stream_ops
 from .t3_runner import T3Runner
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,8 @@ class Engine:
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown}; expected some of "
                             f"{list(SAMPLING_ARGS) + list(ENGINE_ARGS) + ['post', 'split']}")
-        if stream and getattr(self.tts, "backend", "torch") != "torch":
-            raise ValueError(f"stream=True needs the torch backend (its streaming flow and HiFT state); this model "
-                             f"runs on {self.tts.backend}: submit without stream=True for the whole utterance")
+        if stream and not can_stream(self.tts.s3gen):
+            stream_ops(self.tts.s3gen)  # raises, saying why (an old bundle without the streaming graphs)
         post = check_post(post)
         tts = self.tts
         v = tts._voice(voice)
@@ -624,8 +624,6 @@ class Engine:
         t0 = time.perf_counter()
         try:
             if job.stream_state is None:
-                from .stream import S3GenStream
-
                 # The stream's noise comes from its own generator (derived from the request's
                 # seed): T3 is still drawing from the request's generator meanwhile.
                 g = torch.Generator(device=self.device).manual_seed(

@@ -54,6 +54,11 @@ The price, against decoding the whole utterance at once:
   pushes); latency is the look-ahead (3 tokens) plus R + X held frames.
 
 One request per stream; batching streams' flow calls is the engine's business.
+
+Backends: the stream runs its model through ``StreamOps`` (encode, CFM, F0, excitation, filter).
+``TorchStreamOps`` wraps the torch ``S3Gen``; a decoder of another backend provides its own through
+``stream_ops()`` (``export.ort_s3gen.OrtStreamOps``: the bundle's graphs, the same excitation code),
+so the recipe, the noise buffer and the joins are one code path for every backend.
 """
 from __future__ import annotations
 
@@ -88,6 +93,59 @@ def noise_buffer(s3gen: S3Gen, ref: Mapping, max_tokens: int = DEFAULT_MAX_TOKEN
     n = s3gen.flow.config.token_mel_ratio * (_prompt_len(ref) + max_tokens)
     dev = generator.device if generator is not None else s3gen.device
     return torch.randn(1, MEL_BINS, n, generator=generator, device=dev, dtype=torch.float32)
+
+
+class TorchStreamOps:
+    """What ``S3GenStream`` runs, on the torch ``S3Gen`` (another backend's decoder provides the
+    same methods through its ``stream_ops()``)."""
+
+    def __init__(self, s3gen: S3Gen):
+        self.s3gen = s3gen
+        fc, hc = s3gen.flow.config, s3gen.mel2wav.config
+        self.token_mel_ratio, self.pre_lookahead_len = fc.token_mel_ratio, fc.pre_lookahead_len
+        self.samples_per_frame, self.sampling_rate = hc.samples_per_frame, hc.sampling_rate
+        self.device, self.dtype = s3gen.device, s3gen.dtype
+        self.hift_dtype = s3gen.mel2wav.conv_pre.weight.dtype
+        self.meanflow = s3gen.meanflow
+
+    def embed_speaker(self, embedding: Tensor) -> Tensor:
+        """x-vector ``[1, 192]`` -> spks ``[1, 80]``."""
+        return self.s3gen.flow.embed_speaker(embedding.to(self.device, self.dtype))
+
+    def encode(self, tokens: Tensor, finalize: bool) -> Tensor:
+        """Prompt + new tokens ``[1, T]`` -> mu ``[1, 80, 2T]`` (the look-ahead's frames dropped
+        unless ``finalize``)."""
+        lens = torch.tensor([tokens.shape[1]], device=tokens.device)
+        return self.s3gen.flow.encode_tokens(tokens, lens, finalize=finalize)[0]
+
+    def decode_mel(self, mu: Tensor, spks: Tensor, cond: Tensor, n_steps: int, noise: Tensor) -> Tensor:
+        """The CFM over the full (unpadded, so unmasked) length -> mel ``[1, 80, L]``."""
+        return self.s3gen.flow.decoder(mu, None, spks, cond, n_steps=n_steps, noise=noise, meanflow=self.meanflow)
+
+    def f0(self, mel: Tensor) -> Tensor:
+        return self.s3gen.mel2wav.f0_predictor(mel)
+
+    def excitation(self, f0: Tensor, cycles: Optional[Tensor], *, noise_free: bool,
+                   generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+        return continue_excitation(self.s3gen.mel2wav, f0, cycles, noise_free=noise_free, generator=generator)
+
+    def vocode(self, mel: Tensor, source: Tensor) -> Tensor:
+        """mel ``[1, 80, M]`` + source ``[1, 1, 480 M]`` -> waveform ``[480 M]`` (no trim-fade)."""
+        return self.s3gen.mel2wav.decode(mel, source)[0]
+
+
+def stream_ops(s3gen):
+    """The ``StreamOps`` of a decoder: its own ``stream_ops()`` (another backend's), else the torch
+    ``S3Gen``'s. Raises ValueError naming why when the decoder cannot stream."""
+    own = getattr(s3gen, "stream_ops", None)
+    return own() if callable(own) else TorchStreamOps(s3gen)
+
+
+def can_stream(s3gen) -> bool:
+    """Whether ``S3GenStream`` runs on this decoder (the torch ``S3Gen``, or a bundle with the
+    streaming graphs)."""
+    own = getattr(s3gen, "can_stream", None)
+    return True if own is None else bool(own)
 
 
 @torch.inference_mode()
@@ -129,15 +187,15 @@ class S3GenStream:
             raise ValueError(f"need crossfade_frames >= 1, context_frames >= 0, holdback_frames >= 0; got "
                              f"{crossfade_frames}, {context_frames}, {holdback_frames}")
         self.s3gen, self.ref = s3gen, ref
+        self.ops = ops = stream_ops(s3gen)
         self.n_steps = n_steps or s3gen.default_steps
         self.max_tokens = max_tokens
         self.generator, self.noise_free, self.mel_blend = generator, noise_free, mel_blend
-        fc, hc = s3gen.flow.config, s3gen.mel2wav.config
-        self.ratio = fc.token_mel_ratio  # mel frames per token (2)
-        self.lookahead = fc.pre_lookahead_len  # tokens (3)
-        self.hop = hc.samples_per_frame  # samples per mel frame (480)
+        self.ratio = ops.token_mel_ratio  # mel frames per token (2)
+        self.lookahead = ops.pre_lookahead_len  # tokens (3)
+        self.hop = ops.samples_per_frame  # samples per mel frame (480)
         self.X, self.C, self.R = crossfade_frames, context_frames, holdback_frames
-        dev, dtype = s3gen.device, s3gen.dtype
+        dev, dtype = ops.device, ops.dtype
 
         P = _prompt_len(ref)
         self.prompt_tokens = torch.atleast_2d(ref["prompt_token"])[:, :P].to(dev).long()  # [1, P]
@@ -145,7 +203,7 @@ class S3GenStream:
         self.prompt_frames = feat.shape[0]
         self.prompt_feat = feat.to(dev, dtype).T.contiguous()  # [80, F]
         with torch.inference_mode():
-            self.spks = s3gen.flow.embed_speaker(torch.atleast_2d(ref["embedding"]).to(dev, dtype))  # [1, 80]
+            self.spks = ops.embed_speaker(torch.atleast_2d(ref["embedding"]).to(dev, dtype))  # [1, 80]
         need = self.ratio * (P + max_tokens)
         if noise is None:
             noise = noise_buffer(s3gen, ref, max_tokens, generator)
@@ -156,10 +214,10 @@ class S3GenStream:
         self.noise = noise  # [1, 80, >= 2 (P + max_tokens)], as given (re-used by whole_utterance)
         self._noise = noise[..., :need].to(dev, dtype)
 
-        hift_dtype = s3gen.mel2wav.conv_pre.weight.dtype
+        hift_dtype = ops.hift_dtype
         self.wav_in, self.wav_out = crossfade_windows(self.X * self.hop, dev, hift_dtype)  # [480 X]
         self.mel_in, _ = crossfade_windows(self.X, dev, hift_dtype)  # [X]: the same fade at frame rate
-        self.trim = trim_fade(torch.ones(1, 2 * hc.sampling_rate // 50))[0]  # [960]: the start-of-stream envelope
+        self.trim = trim_fade(torch.ones(1, 2 * ops.sampling_rate // 50))[0]  # [960]: the start-of-stream envelope
 
         self.n_tokens = 0  # the last push's length
         self.frames_emitted = 0  # mel frames (after the prompt) whose audio has been returned
@@ -239,7 +297,7 @@ class S3GenStream:
     # ------------------------------------------------------------------ steps
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
-        tokens = tokens.to(self.s3gen.device).long()
+        tokens = tokens.to(self.ops.device).long()
         bad = ((tokens < 0) | (tokens >= SPEECH_VOCAB_SIZE)).any()
         if self._tokens is not None:
             bad = bad | (tokens[: self._tokens.shape[0]] != self._tokens).any()
@@ -251,25 +309,22 @@ class S3GenStream:
     def _flow(self, tokens: Tensor, finalize: bool) -> Tensor:
         """``S3Gen.flow_mel`` for one unpadded request, with the look-ahead dropped unless ``finalize``
         and the noise sliced from the fixed buffer -> mel after the prompt ``[1, 80, frames]``."""
-        s3gen = self.s3gen
         all_tok = torch.cat([self.prompt_tokens, tokens[None]], dim=1)  # [1, P + N]
-        lens = torch.tensor([all_tok.shape[1]], device=all_tok.device)
-        mu, _ = s3gen.flow.encode_tokens(all_tok, lens, finalize=finalize)  # [1, 80, L]
+        mu = self.ops.encode(all_tok, finalize)  # [1, 80, L]
         L = mu.shape[-1]
         if L <= self.prompt_frames:
             raise ValueError("the prompt mel is longer than prompt plus new tokens allow")
         cond = torch.zeros_like(mu)
         cond[0, :, : self.prompt_frames] = self.prompt_feat
         # Unpadded: the estimator runs without a mask, as flow_mel does for a single request.
-        mel = s3gen.flow.decoder(mu, None, self.spks, cond, n_steps=self.n_steps, noise=self._noise[..., :L],
-                                 meanflow=s3gen.meanflow)
+        mel = self.ops.decode_mel(mu, self.spks, cond, self.n_steps, self._noise[..., :L])
         return mel[..., self.prompt_frames:]
 
     def _vocode(self, mel: Tensor, emit_end: int, final: bool) -> Tensor:
         """One HiFT piece: the decoded mel ``[1, 80, end]`` -> the audio of frames
         [frames_emitted, emit_end); keeps the join state for the next piece."""
-        hift = self.s3gen.mel2wav
-        mel = mel.to(hift.conv_pre.weight.dtype)
+        ops = self.ops
+        mel = mel.to(ops.hift_dtype)
         cut, X, hop, end = self.frames_emitted, self.X, self.hop, mel.shape[-1]
         if self._tail is None:  # the first piece: nothing before it
             c, x = 0, 0
@@ -282,19 +337,18 @@ class S3GenStream:
                 fade = fade + (mel[..., cut: cut + X] - fade) * self.mel_in
             mel_in = torch.cat([self._ctx_mel[..., :c], fade, mel[..., cut + X:]], dim=-1)  # [cut - c, end)
             src = self._ctx_src
-        f0 = hift.f0_predictor(mel_in)  # [1, c + end - cut]
+        f0 = ops.f0(mel_in)  # [1, c + end - cut]
         # The source: the previous piece's over [cut - c, cut + X), then continued from its phase
         # up to the next piece's cross-fade end (emit_end + X, where its cache will end), then on.
         split = c + x + max(0, min(emit_end + X, end) - (cut + x))
-        s1, cycles = continue_excitation(hift, f0[:, c + x: split], self._cycles, noise_free=self.noise_free,
-                                         generator=self.generator)
+        s1, cycles = ops.excitation(f0[:, c + x: split], self._cycles, noise_free=self.noise_free,
+                                    generator=self.generator)
         pieces = [s1] if src is None else [src, s1]
         if split < f0.shape[1]:
-            s2, _ = continue_excitation(hift, f0[:, split:], cycles, noise_free=self.noise_free,
-                                        generator=self.generator)
+            s2, _ = ops.excitation(f0[:, split:], cycles, noise_free=self.noise_free, generator=self.generator)
             pieces.append(s2)
         s = torch.cat(pieces, dim=-1)  # [1, 1, 480 (c + end - cut)]
-        wav = hift.decode(mel_in, s)[0, c * hop:]  # frames [cut, end)
+        wav = ops.vocode(mel_in, s)[c * hop:]  # frames [cut, end)
         if self._tail is not None:
             wav = torch.cat([wav[: X * hop] * self.wav_in + self._tail * self.wav_out, wav[X * hop:]])
         self.chunk_mels.append(mel_in[0, :, c: c + emit_end - cut].float())
@@ -324,5 +378,5 @@ class S3GenStream:
         return wav
 
 
-__all__ = ["S3GenStream", "whole_utterance", "noise_buffer", "crossfade_windows", "CROSSFADE_FRAMES", "CONTEXT_FRAMES", "HOLDBACK_FRAMES",
+__all__ = ["S3GenStream", "TorchStreamOps", "stream_ops", "can_stream", "whole_utterance", "noise_buffer", "crossfade_windows", "CROSSFADE_FRAMES", "CONTEXT_FRAMES", "HOLDBACK_FRAMES",
            "DEFAULT_MAX_TOKENS"]

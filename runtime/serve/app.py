@@ -299,7 +299,7 @@ def create_app(engine, *, library=None, api_key: Optional[str] = None, max_queue
         for k in ("exaggeration", "max_new_tokens"):
             if getattr(body, k) is not None:
                 kw[k] = getattr(body, k)
-        stream = bool(body.stream) and getattr(state.tts, "backend", "torch") == "torch"
+        stream = bool(body.stream) and state.tts.can_stream
         fmt, speed = body.response_format, float(body.speed)
         _check_writable(fmt)
         if not state.try_acquire():

@@ -170,10 +170,28 @@ def test_cli_export_then_synth(tmp_path):
     assert r.returncode == 2 and "another model" in r.stderr
 
 
-def test_streaming_is_refused_clearly_on_onnxruntime(ort):
-    with ort.engine(max_batch=1) as eng:
-        with pytest.raises(ValueError, match="stream=True needs the torch backend"):
-            eng.submit("Hi.", stream=True)
+def test_onnxruntime_backend_streams_as_torch(nano, ort):
+    """``stream=True`` on the bundle: the engine streams chunk by chunk through the bundle's graphs,
+    with the torch backend's chunk sizes and tokens, the audio within the waveform bound, and the
+    chunks adding up to the whole request's result."""
+    tts, _, _ = nano
+    assert ort.can_stream and tts.can_stream
+    kw = dict(seed=4, max_new_tokens=36, stop_on_eos=False, watermark=False, chunk_tokens=10, first_chunk_tokens=6,
+              **NEAR_GREEDY)
+    got_chunks, want_chunks = [], []
+    for model, out in ((ort, got_chunks), (tts, want_chunks)):
+        with model.engine(max_batch=1) as eng:
+            req = eng.submit("Stream it.", stream=True, **kw)
+            out.extend(req.chunks(timeout=600))
+            assert req.status == "done"
+            if model is ort:
+                assert torch.equal(req.result(), torch.cat(out)[None])
+                ort_tokens = req.tokens
+            else:
+                assert torch.equal(ort_tokens, req.tokens)
+    assert len(got_chunks) >= 3 and [c.numel() for c in got_chunks] == [c.numel() for c in want_chunks]
+    got, want = torch.cat(got_chunks), torch.cat(want_chunks)
+    assert float((got - want).abs().max() / want.abs().max()) < 3e-3  # tests/export/test_s3gen_onnx.py WAV_RTOL
 
 
 @pytest.mark.slow
@@ -195,3 +213,60 @@ def test_backend_onnxruntime_exports_once_into_the_cache(tmp_path, monkeypatch):
     assert torch.equal(a.generate("Hi.", **kw), b.generate("Hi.", **kw))
     with pytest.raises(ValueError, match="dtype=float32"):
         TTS.from_dummy("nano", backend="onnxruntime", dtype=torch.bfloat16)
+
+
+def test_a_server_on_the_bundle_streams_to_the_openai_client(ort):
+    """``chatterbox-rt serve --bundle``'s app over the onnxruntime backend: the openai client's
+    streamed PCM is the engine's streamed audio for that seed, and SSE carries it in several deltas."""
+    import base64
+    import socket
+    import threading
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    np = pytest.importorskip("numpy")
+    from chatterbox_rt.serve import make_server
+
+    defaults = dict(max_new_tokens=30, stop_on_eos=False, watermark=False, chunk_tokens=8, first_chunk_tokens=6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    eng = ort.engine(max_batch=2)
+    server = make_server(eng, host="127.0.0.1", port=port, log_level="warning", generate_defaults=defaults)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, "server not ready"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        with client.audio.speech.with_streaming_response.create(
+                model="chatterbox", voice="default", input="Streamed from the bundle.", response_format="pcm",
+                extra_body={"seed": 7}) as resp:
+            got = b"".join(resp.iter_bytes())
+        want = eng.submit("Streamed from the bundle.", seed=7, stream=True, **defaults)
+        want = torch.cat(list(want.chunks(timeout=300))).numpy()
+        want16 = np.clip(np.rint(np.clip(want, -1, 1) * 32768.0), -32768, 32767).astype("<i2")
+        assert np.array_equal(np.frombuffer(got, dtype="<i2"), want16)
+        deltas = 0
+        body = dict(model="m", voice="default", input="Streamed from the bundle.", response_format="pcm",
+                    stream_format="sse", seed=7)
+        audio = b""
+        with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"speech.audio.delta"' in line:
+                    deltas += 1
+                    audio += base64.b64decode(json.loads(line[6:])["audio"])
+        assert deltas >= 3 and audio == got
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -22,7 +22,9 @@ from chatterbox_rt.engine.s3gen_runner import Utterance, decode_batch  # noqa: E
 from chatterbox_rt.export._onnx import run as ort_run  # noqa: E402
 from chatterbox_rt.export._onnx import open_session  # noqa: E402
 from chatterbox_rt.export.ort_s3gen import OrtS3Gen  # noqa: E402
-from chatterbox_rt.export.s3gen_onnx import (FLOW_ENCODER, HIFT, HiftGraph, cfm_estimator_spec,  # noqa: E402
+from chatterbox_rt.engine.stream import S3GenStream, noise_buffer, whole_utterance  # noqa: E402
+from chatterbox_rt.export.s3gen_onnx import (FLOW_ENCODER, HIFT, HIFT_DECODE, HIFT_F0, HiftGraph,  # noqa: E402
+                                             cfm_estimator_spec,
                                              cfm_loop_spec, draw_source_noise, export_s3gen, exportable_istft,
                                              exportable_stft)
 from chatterbox_rt.kernels.istft_op import istft_ref  # noqa: E402
@@ -198,15 +200,18 @@ def test_export_checks_every_graph(which, request):
     ex = request.getfixturevalue(which)
     mf = which == "meanflow"
     steps = 2 if mf else 10
-    specs = [FLOW_ENCODER, cfm_estimator_spec(mf), cfm_loop_spec(steps, mf), HIFT]
+    specs = [FLOW_ENCODER, cfm_estimator_spec(mf), cfm_loop_spec(steps, mf), HIFT, HIFT_F0, HIFT_DECODE]
     assert [g.spec.name for g in ex.res.graphs] == [s.name for s in specs]
-    tols = {"s3gen_flow_encoder": 1e-4, "s3gen_cfm_estimator": 1e-4}
+    tols = {"s3gen_flow_encoder": 1e-4, "s3gen_cfm_estimator": 1e-4, "s3gen_hift_f0": 1e-4}
     for gc in ex.res.graphs:
         assert gc.check["cases"] == len(CHECK_SIZES), gc.spec.name
         assert gc.check["max_rel_error"] <= tols.get(gc.spec.name, 1e-3), (gc.spec.name, gc.check)
     cfg = ex.res.config
     assert cfg["meanflow"] is mf and cfg["n_steps"] == steps and cfg["graphs"]["cfm_loop"] == f"s3gen_cfm_loop{steps}.onnx"
-    assert set(ex.res.extras) == {"s3gen.spk_embed_affine_layer.weight", "s3gen.spk_embed_affine_layer.bias"}
+    assert set(ex.res.extras) == {"s3gen.spk_embed_affine_layer.weight", "s3gen.spk_embed_affine_layer.bias",
+                                  "s3gen.m_source.l_linear.weight", "s3gen.m_source.l_linear.bias"}
+    assert cfg["graphs"]["hift_f0"] == HIFT_F0.file and cfg["graphs"]["hift_decode"] == HIFT_DECODE.file
+    assert cfg["pre_lookahead_len"] == 3 and set(cfg["nsf"]) == {"alpha", "sigma", "voiced_threshold"}
     assert "r" in cfm_estimator_spec(mf).input_names if mf else "r" not in cfm_estimator_spec(mf).input_names
     import onnx
 
@@ -215,8 +220,8 @@ def test_export_checks_every_graph(which, request):
         inits = {t.name for t in m.graph.initializer}
         assert [i.name for i in m.graph.input if i.name not in inits] == s.input_names
         assert [o.name for o in m.graph.output] == s.output_names
-    data = sorted(p.name for p in ex.dir.glob("*.data"))
-    assert data == ["s3gen_cfm_estimator.onnx.data"]
+    data = sorted(p.name for p in ex.dir.glob("*.data"))  # the three HiFT graphs share one weights file
+    assert data == ["s3gen_cfm_estimator.onnx.data", "s3gen_hift.onnx.data"]
     errs = {g.spec.name: round(g.check["max_rel_error"], 9) for g in ex.res.graphs}
     print(f"\n{which}: export {ex.export_s:.1f} s, {cfg['export_s']}; errors {errs}")
 
@@ -332,6 +337,74 @@ def test_ort_s3gen_attributes(english):
     assert getattr(o.flow, "decoder", None) is None  # the engine's probe for its CUDA-graph CFM
     with pytest.raises(ValueError, match="speech tokens"):
         o.flow_mel(torch.tensor([[6561, 1]]), None, voice(1))
+
+
+# ------------------------------------------------------------------------------ streaming on onnxruntime
+
+
+STREAM_PUSHES = (12, 20, 28)  # tokens so far at each non-final push of 40
+
+
+def _stream(decoder, ref, tokens, noise, pushes=STREAM_PUSHES, **kw):
+    st = S3GenStream(decoder, ref, noise=noise, max_tokens=tokens.shape[0],
+                     generator=torch.Generator().manual_seed(2), **kw)
+    chunks = [st.push(tokens[:n]) for n in pushes] + [st.push(tokens, final=True)]
+    return chunks, st
+
+
+@pytest.mark.parametrize("which", ["english", "meanflow"])
+def test_ort_stream_matches_torch_stream(which, request):
+    """The same stream (tokens pushed a few at a time, one noise buffer, equally seeded HiFT draws)
+    on the bundle's graphs and on the torch S3Gen: the same chunk sizes, the mel each piece
+    committed within the mel bound, the audio within the waveform bound."""
+    ex = request.getfixturevalue(which)
+    ref = voice(5)
+    tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(3))
+    noise = noise_buffer(ex.torch, ref, max_tokens=40, generator=torch.Generator().manual_seed(1))
+    assert ex.ort.can_stream
+    want, st_t = _stream(ex.torch, ref, tokens, noise)
+    got, st_o = _stream(ex.ort, ref, tokens, noise)
+    assert [c.shape[0] for c in got] == [c.shape[0] for c in want]
+    assert sum(c.shape[0] > 0 for c in got) >= 3  # it did stream: several non-empty chunks
+    e_mel = assert_rel(st_o.committed_mel(), st_t.committed_mel(), MEL_RTOL, f"{which} streamed mel")
+    e_wav = assert_rel(torch.cat(got), torch.cat(want), WAV_RTOL, f"{which} streamed audio")
+    # One final push is the whole utterance (same noise buffer, equally seeded generator), on the graphs too.
+    one, _ = _stream(ex.ort, ref, tokens, noise, pushes=())
+    _, whole = whole_utterance(ex.ort, ref, tokens, noise=noise, generator=torch.Generator().manual_seed(2))
+    e_one = assert_rel(one[-1], whole, WAV_RTOL, f"{which} one push vs whole utterance")
+    print(f"\n{which} stream ORT vs torch: mel {e_mel:.2g}, audio {e_wav:.2g}; one push vs whole {e_one:.2g}")
+
+
+def test_ort_stream_graphs_match_torch_pieces(english):
+    """The two streaming graphs on their own: F0 and the filter given the torch excitation."""
+    ops = english.ort.stream_ops()
+    hift = english.torch.mel2wav
+    mel = mel_input(1, 23, 4)
+    with torch.inference_mode():
+        f0 = ops.f0(mel)
+        assert_rel(f0, hift.f0_predictor(mel), 1e-4, "F0 graph")
+        src, cycles = ops.excitation(f0, None, noise_free=False, generator=torch.Generator().manual_seed(5))
+        want_src, want_cycles = hift_continue(hift, f0, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(src, want_src) and torch.equal(cycles, want_cycles)  # the same torch code and draws
+        assert_rel(ops.vocode(mel, src), hift.decode(mel, src)[0], 1e-3, "filter graph")
+
+
+def hift_continue(hift, f0, **kw):
+    from chatterbox_rt.models.s3gen.hift import continue_excitation
+
+    return continue_excitation(hift, f0, None, **kw)
+
+
+def test_a_bundle_without_streaming_graphs_says_so(english):
+    """A bundle exported before the streaming graphs existed: decoding works, streaming is refused
+    with what to do."""
+    cfg = dict(english.res.config)
+    cfg["graphs"] = {k: v for k, v in cfg["graphs"].items() if k not in ("hift_f0", "hift_decode")}
+    cfg.pop("nsf")
+    old = OrtS3Gen.load(english.dir, cfg, english.res.extras, threads=1)
+    assert not old.can_stream
+    with pytest.raises(ValueError, match="re-export"):
+        S3GenStream(old, voice(5))
 
 
 @pytest.mark.slow

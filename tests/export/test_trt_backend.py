@@ -173,7 +173,9 @@ def test_tts_on_tensorrt_sessions_matches_onnxruntime(bundle, ort_tts):
                             trt_runner=fake_runners(bundle, made=made))
     assert trt.backend == "tensorrt"
     m = Manifest.read(bundle)
-    opened = {g for g in m.graphs if g != "s3gen_cfm_estimator"}  # the estimator opens on first use
+    # The estimator (another step count) and HiFT's streaming pieces open on first use.
+    lazy = {"s3gen_cfm_estimator", "s3gen_hift_f0", "s3gen_hift_decode"}
+    opened = {g for g in m.graphs if g not in lazy}
     assert {g for g, b in trt.graph_backends.items() if b == "tensorrt"} == opened
     assert "TensorRT: t3_prefill, t3_decode" in trt.source
     want_tok = ort_tts.t3_tokens("Hello there.", seed=3, max_new_tokens=10, stop_on_eos=False, **NEAR_GREEDY)
@@ -185,6 +187,15 @@ def test_tts_on_tensorrt_sessions_matches_onnxruntime(bundle, ort_tts):
     # another step count: the estimator graph, opened (and its engine made) on first use
     want, got = ort_tts.generate("Hi.", n_steps=3, **GEN), trt.generate("Hi.", n_steps=3, **GEN)
     assert torch.equal(got, want) and trt.graph_backends["s3gen_cfm_estimator"] == "tensorrt"
+    # streaming: HiFT's two streaming graphs, opened on the first stream, run as engines too
+    kw = dict(seed=5, max_new_tokens=20, stop_on_eos=False, watermark=False, chunk_tokens=6, first_chunk_tokens=6,
+              **NEAR_GREEDY)
+    streamed = {}
+    for name, tts in (("ort", ort_tts), ("trt", trt)):
+        with tts.engine(max_batch=1) as eng:
+            streamed[name] = list(eng.submit("Hi.", stream=True, **kw).chunks(timeout=600))
+    assert len(streamed["trt"]) >= 2 and torch.equal(torch.cat(streamed["trt"]), torch.cat(streamed["ort"]))
+    assert trt.graph_backends["s3gen_hift_f0"] == trt.graph_backends["s3gen_hift_decode"] == "tensorrt"
 
 
 def test_engine_on_tensorrt_sessions_matches_onnxruntime(bundle, ort_tts):
