@@ -74,6 +74,8 @@ def test_t3_weights_are_packed_once(ort):
     copy (onnxruntime would otherwise hold the matrices twice)."""
     pre, dec = ort.t3._prefill_sess.get_session_options(), ort.t3._decode_sess.get_session_options()
     assert pre.get_session_config_entry("session.disable_prepacking") == "1"
+    for so in (pre, dec):  # no spin-waiting workers (export/_onnx.py SESSION_DEFAULTS)
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default (on)
         dec.get_session_config_entry("session.disable_prepacking")
 
