@@ -221,54 +221,36 @@ def test_a_server_on_the_bundle_streams_to_the_openai_client(ort):
     """``chatterbox-rt serve --bundle``'s app over the onnxruntime backend: the openai client's
     streamed PCM is the engine's streamed audio for that seed, and SSE carries it in several deltas."""
     import base64
-    import socket
-    import threading
-    import time
 
     httpx = pytest.importorskip("httpx")
     openai = pytest.importorskip("openai")
     np = pytest.importorskip("numpy")
-    from chatterbox_rt.serve import make_server
+    from _server import Running  # tests/ is on sys.path
 
     defaults = dict(max_new_tokens=30, stop_on_eos=False, watermark=False, chunk_tokens=8, first_chunk_tokens=6)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    eng = ort.engine(max_batch=2)
-    server = make_server(eng, host="127.0.0.1", port=port, log_level="warning", generate_defaults=defaults)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, "server not ready"
-            time.sleep(0.1)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-        with client.audio.speech.with_streaming_response.create(
-                model="chatterbox", voice="default", input="Streamed from the bundle.", response_format="pcm",
-                extra_body={"seed": 7}) as resp:
-            got = b"".join(resp.iter_bytes())
-        want = eng.submit("Streamed from the bundle.", seed=7, stream=True, **defaults)
-        want = torch.cat(list(want.chunks(timeout=300))).numpy()
-        want16 = np.clip(np.rint(np.clip(want, -1, 1) * 32768.0), -32768, 32767).astype("<i2")
-        assert np.array_equal(np.frombuffer(got, dtype="<i2"), want16)
-        deltas = 0
-        body = dict(model="m", voice="default", input="Streamed from the bundle.", response_format="pcm",
-                    stream_format="sse", seed=7)
-        audio = b""
-        with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=300) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: ") and '"speech.audio.delta"' in line:
-                    deltas += 1
-                    audio += base64.b64decode(json.loads(line[6:])["audio"])
-        assert deltas >= 3 and audio == got
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with ort.engine(max_batch=2) as eng:
+        srv = Running(eng, generate_defaults=defaults)
+        url = srv.url
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+            with client.audio.speech.with_streaming_response.create(
+                    model="chatterbox", voice="default", input="Streamed from the bundle.", response_format="pcm",
+                    extra_body={"seed": 7}) as resp:
+                got = b"".join(resp.iter_bytes())
+            want = eng.submit("Streamed from the bundle.", seed=7, stream=True, **defaults)
+            want = torch.cat(list(want.chunks(timeout=300))).numpy()
+            want16 = np.clip(np.rint(np.clip(want, -1, 1) * 32768.0), -32768, 32767).astype("<i2")
+            assert np.array_equal(np.frombuffer(got, dtype="<i2"), want16)
+            deltas = 0
+            body = dict(model="m", voice="default", input="Streamed from the bundle.", response_format="pcm",
+                        stream_format="sse", seed=7)
+            audio = b""
+            with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=300) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"speech.audio.delta"' in line:
+                        deltas += 1
+                        audio += base64.b64decode(json.loads(line[6:])["audio"])
+            assert deltas >= 3 and audio == got
+        finally:
+            srv.stop()

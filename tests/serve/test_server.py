@@ -9,7 +9,6 @@ away frees its engine slots; voices can be uploaded, used and deleted; metrics c
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -24,6 +23,7 @@ sf = pytest.importorskip("soundfile")
 
 from chatterbox_rt import TTS  # noqa: E402
 from chatterbox_rt.models.t3.config import smaller_backbone  # noqa: E402
+from _server import Running, _free_port  # noqa: E402,F401 - tests/ is on sys.path; test_server_vc imports Running here
 from chatterbox_rt.serve import make_server  # noqa: E402
 from chatterbox_rt.serve.app import MAX_INPUT_CHARS  # noqa: E402
 from chatterbox_rt.voices import VoiceLibrary  # noqa: E402
@@ -32,37 +32,6 @@ SR = 24000
 TOKENS = 10  # speech tokens per request (dummy weights rarely stop by themselves)
 DEFAULTS = dict(max_new_tokens=TOKENS, n_steps=2, watermark=False)
 SAMPLES = TOKENS * 2 * 480  # 2 mel frames per token, 480 samples per frame (Nano appends silence: more)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    def __init__(self, engine, **kw):
-        self.port = _free_port()
-        self.server = make_server(engine, host="127.0.0.1", port=self.port, log_level="warning",
-                                  close_engine=False, **kw)
-        self.state = self.server.config.app.state.chatterbox
-        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.port}"
-        end = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > end:
-                raise TimeoutError("server not ready")
-            time.sleep(0.1)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 @pytest.fixture(scope="module")
