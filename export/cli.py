@@ -36,7 +36,12 @@ def add_parsers(sub, model_options) -> None:
                    help="comma-separated: t3, s3gen (flow encoder, CFM, HiFT), frontends (voice encoder, CAMPPlus, "
                         "S3 tokenizer, prompt mel); default all")
     e.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"),
-                   help="graph precision; int8/int4: T3's weight matrices as weight-only MatMulNBits (default fp32)")
+                   help="graph precision; int8/int4: T3's weight matrices as weight-only MatMulNBits, and the CFM "
+                        "estimator dynamic INT8 where it holds quality (--cfm-int8; default fp32)")
+    e.add_argument("--cfm-int8", default="auto", choices=("auto", "on", "off"),
+                   help="with --precision int8/int4: auto keeps the dynamic-INT8 CFM estimator where its mel stays "
+                        "within the bound and it is faster here; on: wherever within the bound; off: never (the "
+                        "measurement goes into manifest.json either way)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset, 14-20 (default 17)")
     e.add_argument("--layout", default="native", choices=("native", "onnx-community"),
                    help="native (this runtime's graphs) or onnx-community (existing ONNX clients' four graphs)")
@@ -109,7 +114,7 @@ def cmd_export(args) -> int:
     tts = _load_tts(args)
     t0 = time.perf_counter()
     m = export(tts, args.out, components=comps, precision=args.precision, opset=opset, layout=args.layout,
-               force=args.force, n_steps=args.n_steps, default_voice=args.default_voice)
+               force=args.force, n_steps=args.n_steps, default_voice=args.default_voice, cfm_int8=args.cfm_int8)
     print(f"exported {m.variant} ({m.layout}, {m.precision}, opset {m.opset}) to {args.out} in "
           f"{time.perf_counter() - t0:.1f} s")
     for name, g in m.graphs.items():
@@ -126,7 +131,8 @@ def cmd_export(args) -> int:
 
 
 _ONNX_ONLY = (("components", None, "--components"), ("precision", "fp32", "--precision"), ("opset", None, "--opset"),
-              ("layout", "native", "--layout"), ("n_steps", None, "--n-steps"), ("default_voice", None, "--default-voice"))
+              ("layout", "native", "--layout"), ("n_steps", None, "--n-steps"), ("default_voice", None, "--default-voice"),
+              ("cfm_int8", "auto", "--cfm-int8"))
 
 
 def _check_triton_target(args, serve_device: str) -> None:

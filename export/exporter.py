@@ -127,11 +127,14 @@ def _run_component(name: str, tts, staging: Path, opset: int, n_steps: Optional[
 
 def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = "fp32", opset: int = DEFAULT_OPSET,
            layout: str = "native", force: bool = False, n_steps: Optional[int] = None,
-           default_voice=None) -> Manifest:
+           default_voice=None, cfm_int8: str = "auto") -> Manifest:
     """Export ``tts`` (a torch-backend ``TTS``) to ``out_dir`` and check every graph against torch.
 
     ``components``: some of "t3", "s3gen", "frontends" (default all). ``precision``: "fp32"
-    (the graphs' float type; "int8"/"int4" quantise T3's weight matrices, see ``quantize``).
+    (the graphs' float type; "int8"/"int4" quantise T3's weight matrices, and try dynamic INT8 on
+    the CFM estimator, see ``quantize``). ``cfm_int8`` (int8/int4 only): "auto" keeps the int8
+    estimator where it holds the mel within its bound and is faster on this machine, "on" wherever
+    it holds the bound, "off" never; the measurement is in the manifest either way.
     ``layout``: "native" or "onnx-community" (the four-graph bundle existing ONNX clients read).
     ``force``: write into a directory holding another model's bundle. ``n_steps``: the CFM steps
     of the whole-loop graph (default: the decoder's). ``default_voice`` (onnx-community layout): a
@@ -141,6 +144,13 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from .quantize import CFM_INT8_MODES
+
+    if cfm_int8 not in CFM_INT8_MODES:
+        raise ValueError(f"cfm_int8 must be one of {', '.join(CFM_INT8_MODES)}, got {cfm_int8!r}")
+    if cfm_int8 != "auto" and (precision not in ("int8", "int4") or layout != "native"):
+        raise ValueError(f"cfm_int8={cfm_int8!r} applies to the native layout at precision int8 or int4 (here: "
+                         f"{layout}, {precision})")
     check_opset(opset)
     if getattr(tts, "backend", "torch") != "torch":
         raise ValueError(f"export needs the torch backend's model; this TTS runs on {tts.backend}")
@@ -174,6 +184,10 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
                 from .quantize import quantize_t3
 
                 res = quantize_t3(res, staging, bits=8 if precision == "int8" else 4)
+            if precision in ("int8", "int4") and name == "s3gen":
+                from .quantize import quantize_cfm
+
+                res = quantize_cfm(res, staging, mode=cfm_int8)
             extras.update(res.extras)
             manifest.data["components"][name] = {"config": res.config, "weights_hash": hashes.get(
                 "ve" if name == "frontends" else name), "graphs": [g.spec.name for g in res.graphs],

@@ -2,12 +2,13 @@
 Python code decodes (``TTS.s3gen_mel``/``s3gen_wav``, the engine's ``decode_batch``).
 
 It runs the graphs ``s3gen_onnx`` writes: the flow encoder, then the whole CFM loop graph when the
-request's step count is the one the loop was exported with (else the estimator graph, with the
-Euler/CFG update here in torch), then HiFT. What is not a graph is done here as ``S3Gen`` does
-it, with the same torch calls: joining prompt and new tokens, the speaker projection (weights from
-the bundle's extras), the prompt-mel ``cond``, trim-fade, and every random draw (the CFM's x0,
-HiFT's source phases and noise) from the caller's generator in the torch path's order, so that a
-seed gives the same audio on both backends (to float rounding: ``tests/export/test_s3gen_onnx.py``).
+request's step count is the one the loop was exported with (else, and where the bundle's CFM is
+int8 and has no loop, the estimator graph with the Euler/CFG update in torch: ``euler_cfm``), then
+HiFT. What is not a graph is done here as ``S3Gen`` does it, with the same torch calls: joining
+prompt and new tokens, the speaker projection (weights from the bundle's extras), the prompt-mel
+``cond``, trim-fade, and every random draw (the CFM's x0, HiFT's source phases and noise) from the
+caller's generator in the torch path's order, so that a seed gives the same audio on both backends
+(to float rounding: ``tests/export/test_s3gen_onnx.py``).
 
 Voice preparation (``embed_ref``, ``tokenizer``, ``speaker_encoder``) is not part of the decoder:
 it comes from the bundle's front ends through ``attach_frontends``.
@@ -50,6 +51,31 @@ class _TorchOnly(SimpleNamespace):
                                      "its graphs (flow_mel, hift, stream_ops) only")
 
 
+def euler_cfm(estimator, noise: Tensor, mask: Tensor, mu: Tensor, spks: Tensor, cond: Tensor, *, n_steps: int,
+              meanflow: bool, t_scheduler: str, cfg_rate: float) -> Tensor:
+    """The CFM's Euler steps (with CFG as doubled rows, or meanflow's ``r``) around an estimator
+    graph: ``estimator(feeds) -> v``, the feeds named as the estimator graph's inputs; as
+    ``CausalCFM.forward`` does it, from the unmasked noise."""
+    B = noise.shape[0]
+    t_span = time_span(n_steps, "linear" if meanflow else t_scheduler, device=noise.device)
+    dts = t_span[1:] - t_span[:-1]
+    x = noise * mask
+    if meanflow:
+        for i in range(n_steps):
+            v = estimator({"x": x, "mask": mask, "mu": mu, "t": t_span[i].expand(B), "spks": spks, "cond": cond,
+                           "r": t_span[i + 1].expand(B)})
+            x = x + dts[i] * v
+        return x
+    w = cfg_rate
+    mask_in = torch.cat([mask, mask])
+    mu_in, spks_in, cond_in = (torch.cat([a, torch.zeros_like(a)]) for a in (mu, spks, cond))
+    for i in range(n_steps):
+        v = estimator({"x": torch.cat([x, x]), "mask": mask_in, "mu": mu_in, "t": t_span[i].expand(2 * B),
+                       "spks": spks_in, "cond": cond_in})
+        x = x + dts[i] * ((1.0 + w) * v[:B] - w * v[B:])
+    return x
+
+
 class OrtS3Gen:
     """``S3Gen``'s decoding API (``flow_mel``, ``hift``, ``mel_lengths``, ``default_steps``,
     ``device``, ``dtype``) over onnxruntime sessions."""
@@ -62,6 +88,7 @@ class OrtS3Gen:
         c = self.config
         self.meanflow = bool(c["meanflow"])
         self.loop_steps = int(c["n_steps"])
+        self._has_loop = "cfm_loop" in c["graphs"]  # an int8 bundle's CFM runs the estimator each step
         self._default_steps = int(c.get("default_steps", self.loop_steps))
         self.cfg_rate = float(c["cfg_rate"])
         self.t_scheduler = c["t_scheduler"]
@@ -98,7 +125,8 @@ class OrtS3Gen:
     def load(cls, bundle_dir: Union[str, Path], config: Mapping, extras: Mapping[str, Tensor], *,
              device="cpu", threads: Optional[int] = None, session_factory=None) -> "OrtS3Gen":
         """Sessions over ``bundle_dir``'s graphs named in ``config["graphs"]`` (the flow encoder, the
-        CFM loop and HiFT now; the estimator on the first request for another step count).
+        CFM loop (the estimator where the bundle has no loop) and HiFT now; the estimator on the
+        first request for another step count).
         ``session_factory``: opens the graphs instead of onnxruntime (``_onnx.open_session``)."""
         bundle = Path(bundle_dir)
         files = dict(config["graphs"])
@@ -107,7 +135,8 @@ class OrtS3Gen:
             return open_session(bundle / files[role], device=str(device), threads=threads,
                                 session_factory=session_factory)
 
-        sessions = {role: opener(role) for role in ("flow_encoder", "cfm_loop", "hift")}
+        cfm = "cfm_loop" if "cfm_loop" in files else "cfm_estimator"
+        sessions = {role: opener(role) for role in ("flow_encoder", cfm, "hift")}
         return cls(sessions, config, extras, device=device, opener=opener)
 
     # ------------------------------------------------------------------ S3Gen's attributes
@@ -233,29 +262,15 @@ class OrtS3Gen:
         return out, new
 
     def cfm(self, noise: Tensor, mask: Tensor, mu: Tensor, spks: Tensor, cond: Tensor, *, n_steps: int) -> Tensor:
-        """``CausalCFM.forward`` from the unmasked noise: the loop graph for its step count, else the
-        estimator graph with the Euler (and CFG) update in torch, as ``CausalCFM`` does it."""
-        feeds = {"noise": noise, "mask": mask, "mu": mu, "spks": spks, "cond": cond}
-        if n_steps == self.loop_steps:
+        """``CausalCFM.forward`` from the unmasked noise: the loop graph for its step count (where the
+        bundle has one: an int8 bundle's estimator runs without it), else the estimator graph with
+        the Euler (and CFG) update in torch, as ``CausalCFM`` does it."""
+        if n_steps == self.loop_steps and self._has_loop:
+            feeds = {"noise": noise, "mask": mask, "mu": mu, "spks": spks, "cond": cond}
             return self._run("cfm_loop", feeds)[0]
-        B = noise.shape[0]
-        t_span = time_span(n_steps, "linear" if self.meanflow else self.t_scheduler, device=noise.device)
-        dts = t_span[1:] - t_span[:-1]
-        x = noise * mask
-        if self.meanflow:
-            for i in range(n_steps):
-                v = self._run("cfm_estimator", {"x": x, "mask": mask, "mu": mu, "t": t_span[i].expand(B),
-                                                "spks": spks, "cond": cond, "r": t_span[i + 1].expand(B)})[0]
-                x = x + dts[i] * v
-            return x
-        w = self.cfg_rate
-        mask_in = torch.cat([mask, mask])
-        mu_in, spks_in, cond_in = (torch.cat([a, torch.zeros_like(a)]) for a in (mu, spks, cond))
-        for i in range(n_steps):
-            v = self._run("cfm_estimator", {"x": torch.cat([x, x]), "mask": mask_in, "mu": mu_in,
-                                            "t": t_span[i].expand(2 * B), "spks": spks_in, "cond": cond_in})[0]
-            x = x + dts[i] * ((1.0 + w) * v[:B] - w * v[B:])
-        return x
+        return euler_cfm(lambda feeds: self._run("cfm_estimator", feeds)[0], noise, mask, mu, spks, cond,
+                         n_steps=n_steps, meanflow=self.meanflow, t_scheduler=self.t_scheduler,
+                         cfg_rate=self.cfg_rate)
 
     # ------------------------------------------------------------------ vocoder
 
@@ -358,4 +373,4 @@ class OrtStreamOps:
         return self.s3gen._run("hift_decode", {"mel": mel.float(), "mel_lens": lens, "source": src})[0][0]
 
 
-__all__ = ["OrtS3Gen", "OrtStreamOps", "TorchModuleUnavailable"]
+__all__ = ["OrtS3Gen", "OrtStreamOps", "TorchModuleUnavailable", "euler_cfm"]

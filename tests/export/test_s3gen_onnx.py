@@ -407,6 +407,90 @@ def test_a_bundle_without_streaming_graphs_says_so(english):
         S3GenStream(old, voice(5))
 
 
+# ------------------------------------------------------------------ dynamic INT8 CFM (--precision int8)
+
+
+def _copy_bundle(exp, tmp_path):
+    import shutil
+
+    d = tmp_path / "bundle"
+    shutil.copytree(exp.dir, d)
+    return d
+
+
+def _ops(path) -> set:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize("which", ["english", "meanflow"])
+def test_int8_cfm_kept_runs_the_int8_estimator(which, request, tmp_path):
+    from chatterbox_rt.export.quantize import cfm_int8_bound, quantize_cfm
+
+    exp = request.getfixturevalue(which)
+    d = _copy_bundle(exp, tmp_path)
+    res = quantize_cfm(exp.res, d, mode="on", threads=1, tokens=(9, 20), repeats=1)
+    rec = res.config["cfm_int8"]
+    assert rec["kept"] and rec["mode"] == "on", rec
+    assert 0 < rec["mel_rel"] <= rec["bound"] == cfm_int8_bound()
+    assert [c["tokens"] for c in rec["per_case"]] == [9, 20] and rec["fp32_ms"] > 0 and rec["int8_ms"] > 0
+    # the loop graph is gone (the fp32 one shared the estimator's weights), the estimator is int8
+    assert "cfm_loop" not in res.config["graphs"] and not (d / exp.res.config["graphs"]["cfm_loop"]).exists()
+    est = d / res.config["graphs"]["cfm_estimator"]
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _ops(est)
+    assert (d / (est.name + ".data")).stat().st_size < (exp.dir / (est.name + ".data")).stat().st_size
+    checks = {g.spec.name: g for g in res.graphs}
+    assert checks["s3gen_cfm_estimator"].precision == "int8" and not any("loop" in n for n in checks)
+    # the decoder runs the int8 estimator at the bundle's step count, within the bound of the fp32 loop
+    q = OrtS3Gen.load(d, res.config, res.extras, threads=1)
+    assert "cfm_loop" not in q._sessions
+    tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = voice(1)
+    want, wl = exp.ort.flow_mel(tokens, None, ref, generator=torch.Generator().manual_seed(7))
+    got, gl = q.flow_mel(tokens, None, ref, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(gl, wl)
+    e = float((got - want).double().norm() / want.double().norm())
+    assert 0 < e <= rec["bound"], e
+    # other step counts run the same estimator
+    got3, _ = q.flow_mel(tokens, None, ref, generator=torch.Generator().manual_seed(7), n_steps=3)
+    assert torch.isfinite(got3).all() and not torch.equal(got3, got)
+
+
+def test_int8_cfm_over_the_bound_is_not_kept(english, tmp_path, monkeypatch):
+    from chatterbox_rt.export import quantize
+
+    d = _copy_bundle(english, tmp_path)
+    monkeypatch.setattr(quantize, "cfm_int8_bound", lambda: 1e-9)
+    res = quantize.quantize_cfm(english.res, d, mode="on", threads=1, tokens=(9,), repeats=1)
+    rec = res.config["cfm_int8"]
+    assert not rec["kept"] and "over the bound" in rec["why"] and rec["mel_rel"] > 1e-9
+    # the bundle is as exported: the fp32 estimator and the loop graph, nothing left of the attempt
+    assert res.config["graphs"] == english.res.config["graphs"] and res.graphs == english.res.graphs
+    assert (d / english.res.config["graphs"]["cfm_loop"]).exists() and not (d / ".cfm_int8").exists()
+    assert "MatMulInteger" not in _ops(d / res.config["graphs"]["cfm_estimator"])
+    # and it still decodes as the fp32 bundle does
+    q = OrtS3Gen.load(d, res.config, res.extras, threads=1)
+    tokens = torch.randint(0, 6561, (1, 9), generator=torch.Generator().manual_seed(2))
+    a, _ = q.flow_mel(tokens, None, voice(1), generator=torch.Generator().manual_seed(3))
+    b, _ = english.ort.flow_mel(tokens, None, voice(1), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_cfm_int8_decision():
+    from chatterbox_rt.export.quantize import CFM_INT8_MIN_SPEEDUP, cfm_int8_decision
+
+    assert cfm_int8_decision(0.01, 1.5, mode="auto", bound=0.02)[0]
+    keep, why = cfm_int8_decision(0.01, CFM_INT8_MIN_SPEEDUP - 0.05, mode="auto", bound=0.02)
+    assert not keep and "faster" not in why and "under" in why
+    assert cfm_int8_decision(0.01, 0.5, mode="on", bound=0.02)[0]  # on: speed is not asked
+    assert not cfm_int8_decision(0.03, 3.0, mode="on", bound=0.02)[0]
+    assert not cfm_int8_decision(float("nan"), 3.0, mode="auto", bound=0.02)[0]
+    assert not cfm_int8_decision(0.0, 3.0, mode="off", bound=0.02)[0]
+    with pytest.raises(ValueError, match="cfm_int8 must be one of"):
+        cfm_int8_decision(0.0, 3.0, mode="yes", bound=0.02)
+
+
 @pytest.mark.slow
 def test_real_shapes_meanflow(tmp_path, one_thread):
     """The full-size flow (10 + 4 conformer blocks, 12 mid U-Net blocks): the graphs export and check,
