@@ -156,11 +156,12 @@ class TrtSessionFactory:
 
 
 def tensorrt_runners(bundle: Path, *, device: str = "cuda", precision: Optional[str] = None, cache=None,
-                     builder=None, rebuild: bool = False):
+                     builder=None, rebuild: bool = False, cuda_graphs: bool = False):
     """``make_runner`` for ``TrtSessionFactory`` on the real TensorRT: the graph's engine from the
     engine cache (``build_bundle_engines``: built once per key), loaded as a ``TensorRTRunner``.
     Raises ``TensorRTUnavailable`` (with the install advice) without TensorRT and ``EngineError``
-    without a CUDA GPU, before anything is built."""
+    without a CUDA GPU, before anything is built. ``cuda_graphs``: each runner captures a CUDA
+    graph per input-shape set it sees repeated (``TensorRTRunner(cuda_graph=True)``)."""
     import torch
 
     from .tensorrt import DeviceInfo, EngineCache, EngineError, TensorRTRunner, build_bundle_engines
@@ -175,7 +176,7 @@ def tensorrt_runners(bundle: Path, *, device: str = "cuda", precision: Optional[
     def make_runner(name: str):
         plan = build_bundle_engines(bundle, graphs=[name], precision=precision, cache=cache, builder=builder,
                                     device=info, rebuild=rebuild)[name]
-        return TensorRTRunner(plan, device_index=dev.index or 0)
+        return TensorRTRunner(plan, device_index=dev.index or 0, cuda_graph=cuda_graphs)
 
     return make_runner
 
@@ -192,7 +193,7 @@ def _ort_device_beside_tensorrt(device: str) -> str:
 def load_exported(bundle_dir: Union[str, Path], *, device: Optional[str] = None, threads: Optional[int] = None,
                   backend: str = "onnxruntime", verify: bool = False, trt_components=DEFAULT_TRT_COMPONENTS,
                   trt_precision: Optional[str] = None, engine_cache=None, trt_strict: bool = False,
-                  trt_runner=None):
+                  trt_runner=None, trt_cuda_graphs: bool = False):
     """An exported bundle -> ``TTS``.
 
     ``backend="onnxruntime"``: every graph an onnxruntime session (CPU execution provider; CUDA
@@ -204,7 +205,8 @@ def load_exported(bundle_dir: Union[str, Path], *, device: Optional[str] = None,
     on first use into the engine cache (``engine_cache``: an ``EngineCache`` or its root;
     ``trt_precision``: the engines' precision, default the graph's) and found there after; the
     other graphs, and any whose engine cannot be built, run on onnxruntime (logged once per
-    graph; ``trt_strict=True`` raises instead). The same
+    graph; ``trt_strict=True`` raises instead). ``trt_cuda_graphs=True``: the engines replay a
+    CUDA graph for each input-shape set they see repeated (``TensorRTRunner``). The same
     classes run either way: the TensorRT engines sit behind an onnxruntime-shaped session
     (``trt_session.TrtSession``). ``trt_runner``: ``graph name -> runner`` with
     ``TensorRTRunner``'s call contract, replacing the real engines (tests). ``tts.graph_backends``
@@ -217,12 +219,15 @@ def load_exported(bundle_dir: Union[str, Path], *, device: Optional[str] = None,
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise ValueError(f"load_exported runs the onnxruntime or tensorrt backend; {backend!r} is neither")
+    if trt_cuda_graphs and backend != "tensorrt":
+        raise ValueError("trt_cuda_graphs=True is an option of backend='tensorrt'")
     require_onnxruntime()
     bundle = Path(bundle_dir)
     device = str(device or ("cuda" if backend == "tensorrt" else "cpu"))
     factory = None
     if backend == "tensorrt" and trt_runner is None:
-        trt_runner = tensorrt_runners(bundle, device=device, precision=trt_precision, cache=engine_cache)
+        trt_runner = tensorrt_runners(bundle, device=device, precision=trt_precision, cache=engine_cache,
+                                      cuda_graphs=trt_cuda_graphs)
     m = Manifest.read(bundle, verify=verify)
     if m.layout != "native":
         raise BundleError(f"{bundle} is an {m.layout} bundle (for other ONNX clients); the {backend} backend "

@@ -359,17 +359,66 @@ def build_bundle_engines(bundle_dir, *, graphs=None, precision: Optional[str] = 
 # --------------------------------------------------------------------------------- runner
 
 
-class TensorRTRunner:
-    """One engine: inputs and outputs bound to torch CUDA tensors, run with ``execute_async_v3``
-    on a given stream. Output buffers are allocated once at the profile's max shapes and reused
-    (views of the actual sizes are returned); with ``cuda_graph=True`` a replay is captured per
-    input-shape set (the engine allows it when it has no data-dependent shapes)."""
+class _CudaApi:
+    """The CUDA calls ``TensorRTRunner`` makes (torch's), in one place so a test can stand in for
+    them on the CPU."""
 
-    def __init__(self, engine_path: Path, *, device_index: int = 0, max_shapes: Optional[Mapping] = None):
+    def __init__(self):
         import torch
 
-        trt = import_tensorrt()
+        self.torch = torch
+
+    def current_stream(self, device):
+        return self.torch.cuda.current_stream(device)
+
+    def new_stream(self, device):
+        return self.torch.cuda.Stream(device=device)
+
+    def stream(self, stream):
+        return self.torch.cuda.stream(stream)
+
+    def new_graph(self):
+        return self.torch.cuda.CUDAGraph()
+
+    def capture(self, graph, stream):
+        return self.torch.cuda.graph(graph, stream=stream)
+
+
+@dataclasses.dataclass
+class _Captured:
+    """One input-shape set's CUDA graph: its own execution context (TensorRT's captured launch
+    depends on the context's shapes and addresses), the static input buffers the graph reads and
+    the output buffers it writes."""
+
+    context: object
+    inputs: dict
+    outputs: dict
+    graph: object
+
+
+class TensorRTRunner:
+    """One engine: inputs and outputs bound to torch CUDA tensors, run with ``execute_async_v3``
+    on a given stream (default: the current one). Output buffers are allocated once, grown when a
+    larger shape comes, and reused: the returned outputs are views, valid until the next call.
+
+    ``cuda_graph=True``: an input-shape set seen ``capture_after`` times (default 2, so one-off
+    shapes, such as a KV cache one longer each step, are never captured) gets a CUDA graph of
+    its own, following TensorRT's rules for stream capture: a dedicated execution context (sharing
+    the engine's activation memory with the others where the API allows: they never run at once),
+    static input and output buffers (each call copies its inputs in on the stream), one launch
+    before capture (TensorRT's deferred work), capture and replay on a non-default stream that
+    is ordered after the caller's. An engine whose output shapes depend on the data (a -1 after
+    the input shapes are set) is not captured; a capture that fails is logged and that shape set
+    runs uncaptured from then on. At most ``max_graphs`` are kept (least recently used dropped)."""
+
+    def __init__(self, engine_path: Path, *, device_index: int = 0, max_shapes: Optional[Mapping] = None,
+                 cuda_graph: bool = False, capture_after: int = 2, max_graphs: int = 8,
+                 _trt=None, _cuda=None, _device=None):
+        import torch
+
+        trt = _trt if _trt is not None else import_tensorrt()
         self.trt, self.torch = trt, torch
+        self._cuda = _cuda if _cuda is not None else _CudaApi()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
@@ -377,12 +426,23 @@ class TensorRTRunner:
             raise EngineError(f"TensorRT could not load {engine_path} (built for another GPU or TensorRT version?); "
                               f"rebuild it with `chatterbox-rt engines build`")
         self.context = self.engine.create_execution_context()
-        self.device = torch.device("cuda", device_index)
+        self.device = torch.device(_device) if _device is not None else torch.device("cuda", device_index)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self._out: dict = {}
         self.max_shapes = dict(max_shapes or {})
+        if capture_after < 1 or max_graphs < 1:
+            raise ValueError("capture_after and max_graphs must be >= 1")
+        self.cuda_graph, self.capture_after, self.max_graphs = bool(cuda_graph), int(capture_after), int(max_graphs)
+        import collections
+
+        self._graphs: "collections.OrderedDict[tuple, _Captured]" = collections.OrderedDict()
+        self._seen: collections.Counter = collections.Counter()
+        self._uncapturable: dict = {}  # shape set -> why
+        self._side_stream = None
+        self._shared_memory = None
+        self.stats = {"captures": 0, "replays": 0, "plain": 0}
 
     def _torch_dtype(self, name: str):
         trt, torch = self.trt, self.torch
@@ -390,14 +450,36 @@ class TensorRTRunner:
                 trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
                 trt.int8: torch.int8}[self.engine.get_tensor_dtype(name)]
 
-    def __call__(self, feeds: Mapping, stream=None) -> dict:
-        torch = self.torch
-        stream = stream or torch.cuda.current_stream(self.device)
+    def _inputs_on_device(self, feeds: Mapping) -> dict:
+        out = {}
         for name in self.inputs:
             x = feeds[name]
             if not x.is_contiguous() or x.device != self.device:
                 x = x.to(self.device).contiguous()
-                feeds = {**feeds, name: x}
+            out[name] = x
+        return out
+
+    def __call__(self, feeds: Mapping, stream=None) -> dict:
+        stream = stream or self._cuda.current_stream(self.device)
+        feeds = self._inputs_on_device(feeds)
+        if self.cuda_graph:
+            key = tuple((name, tuple(feeds[name].shape), feeds[name].dtype) for name in self.inputs)
+            captured = self._graphs.get(key)
+            if captured is not None:
+                self._graphs.move_to_end(key)
+                return self._replay(captured, feeds, stream)
+            if key not in self._uncapturable:
+                self._seen[key] += 1
+                if self._seen[key] >= self.capture_after:
+                    out = self._capture(key, feeds, stream)
+                    if out is not None:
+                        return out
+        return self._run_plain(feeds, stream)
+
+    def _run_plain(self, feeds: Mapping, stream) -> dict:
+        torch = self.torch
+        for name in self.inputs:
+            x = feeds[name]
             self.context.set_input_shape(name, tuple(x.shape))
             self.context.set_tensor_address(name, x.data_ptr())
         out = {}
@@ -414,4 +496,84 @@ class TensorRTRunner:
             out[name] = view
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EngineError("TensorRT execute_async_v3 failed")
+        self.stats["plain"] += 1
         return out
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _graph_context(self):
+        """An execution context for one graph, on the engine's shared activation memory where this
+        TensorRT lets contexts share it (10.x: ``create_execution_context_without_device_memory``
+        and ``set_device_memory``/``device_memory``), else a context with memory of its own."""
+        eng = self.engine
+        make = getattr(eng, "create_execution_context_without_device_memory", None)
+        size = getattr(eng, "device_memory_size_v2", None)
+        if size is None:
+            size = getattr(eng, "device_memory_size", None)
+        if make is None or size is None:
+            return eng.create_execution_context()
+        ctx = make()
+        if self._shared_memory is None:
+            self._shared_memory = self.torch.empty(max(int(size), 1), dtype=self.torch.uint8, device=self.device)
+        ptr = self._shared_memory.data_ptr()
+        if hasattr(ctx, "set_device_memory"):
+            ctx.set_device_memory(ptr, int(size))
+        else:
+            ctx.device_memory = ptr
+        return ctx
+
+    def _capture(self, key: tuple, feeds: Mapping, stream) -> Optional[dict]:
+        torch, cuda = self.torch, self._cuda
+        ctx = self._graph_context()
+        inputs = {}
+        for name in self.inputs:
+            x = feeds[name]
+            inputs[name] = torch.empty_like(x)
+            ctx.set_input_shape(name, tuple(x.shape))
+            ctx.set_tensor_address(name, inputs[name].data_ptr())
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(int(d) < 0 for d in shape):
+                self._uncapturable[key] = f"output {name} has a data-dependent shape {list(shape)}"
+                log.info("TensorRT: not capturing a CUDA graph: %s", self._uncapturable[key])
+                return None
+            outputs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
+            ctx.set_tensor_address(name, outputs[name].data_ptr())
+        if self._side_stream is None:
+            self._side_stream = cuda.new_stream(self.device)
+        side = self._side_stream
+        side.wait_stream(stream)
+        with cuda.stream(side):
+            for name in self.inputs:
+                inputs[name].copy_(feeds[name])
+            # The launch before capture: TensorRT does its deferred per-shape work here, and it computes
+            # this call's outputs (capturing records the launch without running it).
+            if not ctx.execute_async_v3(side.cuda_stream):
+                raise EngineError("TensorRT execute_async_v3 failed")
+        graph = cuda.new_graph()
+        try:
+            with cuda.capture(graph, side):
+                ok = ctx.execute_async_v3(side.cuda_stream)
+            if not ok:
+                raise EngineError("execute_async_v3 returned False during capture")
+        except Exception as e:  # this engine or shape set cannot be captured: run it without a graph
+            self._uncapturable[key] = f"capture failed: {e}"
+            log.warning("TensorRT: CUDA graph capture failed for input shapes %s (%s); running them uncaptured",
+                        [list(k[1]) for k in key], e)
+            stream.wait_stream(side)
+            return {name: t for name, t in outputs.items()}
+        stream.wait_stream(side)
+        self._graphs[key] = _Captured(ctx, inputs, outputs, graph)
+        self.stats["captures"] += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return dict(outputs)
+
+    def _replay(self, captured: _Captured, feeds: Mapping, stream) -> dict:
+        with self._cuda.stream(stream):
+            for name in self.inputs:
+                captured.inputs[name].copy_(feeds[name])
+            captured.graph.replay()
+        self.stats["replays"] += 1
+        return dict(captured.outputs)

@@ -268,8 +268,9 @@ class TTS(S3GenPipeline):
 
         ``backend="tensorrt"`` (``device`` default "cuda"): T3 and S3Gen's flow (encoder, CFM) as
         TensorRT engines (built once into the engine cache), the rest (HiFT, the front ends), and
-        any graph whose engine fails to build, on onnxruntime; ``trt_options``: ``trt_components``, ``trt_precision``, ``engine_cache``,
-        ``trt_strict`` (``chatterbox_rt.export.ort_backend.load_exported``). Without TensorRT:
+        any graph whose engine fails to build, on onnxruntime; ``trt_options``: ``trt_components``,
+        ``trt_precision``, ``engine_cache``, ``trt_strict``, ``trt_cuda_graphs``
+        (``chatterbox_rt.export.ort_backend.load_exported``). Without TensorRT:
         ``TensorRTUnavailable`` with the install advice."""
         from .export.ort_backend import load_exported
 

@@ -275,3 +275,16 @@ def test_real_tensorrt_matches_onnxruntime(bundle, ort_tts, tmp_path):
     want, got = ort_tts.generate("Hello there.", **GEN), trt.generate("Hello there.", **GEN)
     assert got.shape == want.shape
     assert float((got - want).abs().max() / want.abs().max()) < 5e-2  # TensorRT's fp32 may use TF32
+    # CUDA graphs: a request twice (the second replays the graphs the first one's repeated shapes got)
+    graphs = TTS.from_exported(bundle, device="cuda", backend="tensorrt", engine_cache=tmp_path / "engines",
+                               trt_cuda_graphs=True)
+    first, second = graphs.generate("Hello there.", **GEN), graphs.generate("Hello there.", **GEN)
+    assert float((first - want).abs().max() / want.abs().max()) < 5e-2
+    assert torch.equal(first, second)
+
+
+def test_cuda_graphs_are_a_tensorrt_option(bundle):
+    from chatterbox_rt.export.ort_backend import load_exported
+
+    with pytest.raises(ValueError, match="trt_cuda_graphs"):
+        load_exported(bundle, trt_cuda_graphs=True)
