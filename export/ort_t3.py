@@ -36,6 +36,8 @@ from .t3_onnx import ALIGNMENT_OUTPUT, DECODE, PREFILL, PREFILL_PROBE_QUERIES, U
 log = logging.getLogger(__name__)
 
 EXTRAS_PREFIX = "t3."
+_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_,
+              torch.float16: np.float16}
 # The prefill session runs its matrices from the memory-mapped weights file, unpacked: measured on
 # the Intel Xeon VM (2 threads, Turbo at full size, 150-token prompt) this holds 58 MB of anonymous
 # memory instead of 1236 MB, for a prefill of 538 ms instead of 375 ms (decode keeps its packed
@@ -76,7 +78,8 @@ class OrtT3(T3):
     rows of one request, as ``T3.generate`` runs); the engine's runner keeps its own per request."""
 
     def __init__(self, config, bundle_dir, extras: Mapping[str, Tensor], *, graph_config: Optional[Mapping] = None,
-                 device: str = "cpu", threads: Optional[int] = None, session_factory=None):
+                 device: str = "cpu", threads: Optional[int] = None, session_factory=None,
+                 iobinding: Optional[bool] = None):
         with torch.device("meta"):
             super().__init__(config)
         self.tfmr = _InOnnx("transformer backbone")
@@ -99,6 +102,19 @@ class OrtT3(T3):
                                           config=PREFILL_SESSION_CONFIG if str(device) == "cpu" else None)
         self._decode_sess = open_session(bundle_dir / graphs.get(DECODE, f"{DECODE}.onnx"), device=device,
                                          threads=threads, session_factory=session_factory)
+        # IOBinding (default: where onnxruntime runs on a GPU, and the sessions are onnxruntime's):
+        # inputs bound in place from torch tensors on the session's device, the logits written
+        # into a buffer allocated once per batch size, the keys/values left where onnxruntime puts
+        # them (device memory on a GPU) and bound back as the next step's past: nothing of the
+        # cache crosses to the host. Plain runs would copy every present to the host and back.
+        bindable = all(hasattr(x, "io_binding") for x in (self._prefill_sess, self._decode_sess))
+        if iobinding and not bindable:
+            raise ValueError("iobinding=True needs onnxruntime sessions (these sessions have no io_binding)")
+        on_gpu = str(device).startswith("cuda")
+        self.iobinding = bool(bindable and (on_gpu if iobinding is None else iobinding))
+        dev = torch.device(device) if on_gpu else torch.device("cpu")
+        self._bind_device = ("cuda" if on_gpu else "cpu", dev.index or 0, dev)
+        self._logits_bufs: dict = {}
         L = config.backbone.num_layers
         self._kv_names = [n for i in range(L) for n in (f"present.{i}.key", f"present.{i}.value")]
         self._past_names = [n for i in range(L) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
@@ -117,17 +133,18 @@ class OrtT3(T3):
 
     @classmethod
     def load(cls, bundle_dir, config_json: Union[Mapping, str], extras: Mapping[str, Tensor], *, device: str = "cpu",
-             threads: Optional[int] = None, session_factory=None) -> "OrtT3":
+             threads: Optional[int] = None, session_factory=None, iobinding: Optional[bool] = None) -> "OrtT3":
         """From an export's files: ``bundle_dir`` holding ``t3_prefill.onnx``, ``t3_decode.onnx`` and
         ``t3.onnx.data``; ``config_json``: ``ComponentExport.config`` (a dict or its JSON text);
         ``extras``: the ``t3.``-prefixed tensors of ``ComponentExport.extras`` (other keys ignored).
         ``device``: onnxruntime's provider ("cpu" or "cuda"); ``threads``: its intra-op threads;
-        ``session_factory``: opens the graphs instead of onnxruntime (``_onnx.open_session``)."""
+        ``session_factory``: opens the graphs instead of onnxruntime (``_onnx.open_session``);
+        ``iobinding``: run through onnxruntime's IOBinding (default: on a CUDA device)."""
         if isinstance(config_json, str):
             config_json = json.loads(config_json)
         cfg = t3_config_from_json(config_json)
         return cls(cfg, bundle_dir, extras, graph_config=config_json, device=device, threads=threads,
-                   session_factory=session_factory)
+                   session_factory=session_factory, iobinding=iobinding)
 
     def _load_extras(self, extras: Mapping[str, Tensor]) -> None:
         sd = {k[len(EXTRAS_PREFIX):]: v for k, v in extras.items() if k.startswith(EXTRAS_PREFIX)}
@@ -154,9 +171,44 @@ class OrtT3(T3):
 
     def _run(self, sess, feeds: dict) -> tuple:
         """-> (logits [B, V] tensor, present OrtValues, alignment [n_pairs, n, L] tensor or None)."""
+        if self.iobinding:
+            return self._run_bound(sess, feeds)
         arrays = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else v) for k, v in feeds.items()}
         outs = sess.run_with_ort_values(self._out_names, {k: _ort_value(v) for k, v in arrays.items()})
         logits = torch.from_numpy(outs[0].numpy().copy())
+        kv = list(outs[1:1 + len(self._kv_names)])
+        attn = torch.from_numpy(outs[-1].numpy().copy()) if self._pairs else None
+        return logits, kv, attn
+
+    def _run_bound(self, sess, feeds: dict) -> tuple:
+        """``_run`` through IOBinding (see ``__init__``)."""
+        ort = require_onnxruntime()
+        kind, index, dev = self._bind_device
+        io = sess.io_binding()
+        keep = []  # the bound tensors stay alive until the run is over
+        for name, v in feeds.items():
+            if isinstance(v, ort.OrtValue):
+                io.bind_ortvalue_input(name, v)
+                continue
+            t = torch.as_tensor(v).detach().to(dev).contiguous()
+            keep.append(t)
+            io.bind_input(name, kind, index, _NP_DTYPES[t.dtype], list(t.shape), t.data_ptr())
+        B = int(feeds["inputs_embeds"].shape[0])
+        buf = self._logits_bufs.get(B)
+        if buf is None:
+            buf = self._logits_bufs[B] = torch.empty(B, self.config.speech_vocab_size, dtype=torch.float32, device=dev)
+        io.bind_output("logits", kind, index, np.float32, list(buf.shape), buf.data_ptr())
+        for name in self._kv_names:
+            io.bind_output(name, kind, index)
+        if self._pairs:
+            io.bind_output(ALIGNMENT_OUTPUT, "cpu")
+        if kind == "cuda":
+            io.synchronize_inputs()
+        sess.run_with_iobinding(io)
+        if kind == "cuda":
+            io.synchronize_outputs()
+        outs = io.get_outputs()
+        logits = buf.to("cpu", copy=True)  # the buffer is the next call's
         kv = list(outs[1:1 + len(self._kv_names)])
         attn = torch.from_numpy(outs[-1].numpy().copy()) if self._pairs else None
         return logits, kv, attn

@@ -331,3 +331,48 @@ def test_decode_step_checks_its_position(exported):
         ort_t3.decode_step(torch.tensor([7]), torch.tensor([P + 1]), None)
         b = ort_t3.decode_step(tok, torch.tensor([P]), None)
     assert np.array_equal(a.numpy(), b.numpy())
+
+
+# ------------------------------------------------------------------------------ IOBinding
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_iobinding_runs_as_plain_runs(exported, variant):
+    """The IOBinding path (the default on a GPU, where it keeps the cache on the device) bound to
+    CPU memory: the same logits, keys/values and tokens as plain runs, for generate (alignment
+    output included where the variant has one) and the Engine's runner."""
+    m, ex, ort_t3, d = exported[variant]
+    bound = OrtT3.load(d, json.loads(json.dumps(ex.config)), ex.extras, threads=1, iobinding=True)
+    assert bound.iobinding and not ort_t3.iobinding  # CPU default: plain runs
+    cfg = m.config
+    g = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, 9, cfg.backbone.hidden_size, generator=g) * 0.3
+    a, b = ort_t3.run_prefill(embeds), bound.run_prefill(embeds)
+    assert torch.equal(a[0], b[0]) and all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a[1], b[1]))
+    # a decode step over the bound run's own keys/values (OrtValues bound back as the past)
+    x = torch.randn(2, 1, cfg.backbone.hidden_size, generator=g) * 0.3
+    mask, pos = torch.ones(2, 10, dtype=torch.long), torch.full((2,), 9)
+    sa, sb = ort_t3.run_decode(x, pos, mask, a[1]), bound.run_decode(x, pos, mask, b[1])
+    assert torch.equal(sa[0], sb[0]) and sb[1][0].shape() == [2, cfg.backbone.num_heads, 10, cfg.backbone.head_dim]
+    logits_before = sb[0].clone()
+    bound.run_decode(x * 2, pos, mask, b[1])
+    assert torch.equal(sb[0], logits_before)  # the returned logits are not the reused buffer
+    for kw in (NEAR_GREEDY, {}):
+        runs = [t3.generate(make_cond(cfg), make_text(cfg), max_new_tokens=30,
+                            generator=torch.Generator().manual_seed(5), **kw) for t3 in (ort_t3, bound)]
+        assert torch.equal(runs[0], runs[1]) and runs[0].numel() > 5
+    settings = [dict(seed=1, n=12, max_new_tokens=12), dict(seed=2, n=5, max_new_tokens=9)]
+    got = [_run_requests(t3, t3.make_engine_runner(4, 256), settings, join_after=2) for t3 in (ort_t3, bound)]
+    assert all(torch.equal(x, y) for x, y in zip(*got))
+
+
+def test_iobinding_needs_onnxruntime_sessions(exported):
+    from chatterbox_rt.export.trt_session import TrtSession
+
+    m, ex, _, d = exported["chatterbox"]
+
+    def factory(path, device, threads):
+        return TrtSession(lambda feeds, stream=None: {}, [], [], name=path.stem)
+
+    with pytest.raises(ValueError, match="iobinding=True needs onnxruntime sessions"):
+        OrtT3.load(d, ex.config, ex.extras, threads=1, session_factory=factory, iobinding=True)
