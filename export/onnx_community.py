@@ -61,7 +61,9 @@ the PyTorch model; ours follow ``chatterbox_rt``'s torch runtime, which follows 
 * ``speech_encoder`` takes one clip (batch 1); the published graph names a batch axis.
 
 Only fp32 graphs are written here (``precision="int4"`` adds ``language_model_q4.onnx``, what
-``ChatterboxOnnx(quantized=True)`` loads; ``"int8"`` adds ``language_model_quantized.onnx``).
+``ChatterboxOnnx(quantized=True)`` loads; ``"int8"`` adds ``language_model_quantized.onnx``; either
+also writes the other three graphs under that suffix, unquantised, for clients that load all four
+by dtype: ``_alias_graphs``).
 """
 from __future__ import annotations
 
@@ -772,6 +774,7 @@ def export_onnx_community(tts, out_dir: Union[str, Path], *, precision: str = "f
                 tts, staging, specs, opset=opset, n_steps=n_steps, check_seconds=check_seconds, threads=threads)
             if precision in QUANTIZED_LM:
                 checks.update(_quantized_lm(staging, specs["language_model"], precision, threads))
+                checks.update(_alias_graphs(staging, specs, precision))
         # tokenizer, configs, voice
         (staging / "tokenizer.json").write_text((turbo.tokenizer_json if gpt else tokenizer_json)(tts),
                                                 encoding="utf-8")
@@ -995,6 +998,42 @@ def _quantized_lm(staging: Path, spec: GraphSpec, precision: str, threads: Optio
     qspec = GraphSpec(name, spec.component, spec.inputs, spec.outputs, spec.dims, spec.doc + f" ({bits}-bit weights)")
     res = {"vs_fp32_logits_max_rel_error": rel_error(got, ref), "bits": bits, "cases": 1}
     return {name: (qspec, res, {"precision": precision, "file": f"{name}.onnx"})}
+
+
+def _alias_graphs(staging: Path, specs: Mapping[str, GraphSpec], precision: str) -> dict:
+    """The other graphs under the quantised language model's suffix (``speech_encoder_q4.onnx``,
+    ``conditional_decoder_quantized.onnx``...): clients that take a dtype (``q4``, ``q8``) load
+    every graph as ``<name><suffix>.onnx`` with ``<name><suffix>.onnx_data`` beside it. Only the
+    language model is quantised; these are the fp32 graphs, their data hard-linked (a copy where
+    the file system has no links), and the manifest says so."""
+    import onnx
+
+    suffix = QUANTIZED_LM[precision][0][len("language_model"):]
+    d = staging / ONNX_DIR
+    out = {}
+    for name, spec in specs.items():
+        if name == "language_model":
+            continue
+        alias = f"{name}{suffix}"
+        model = onnx.load(str(d / f"{name}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = f"{alias}{DATA_SUFFIX}"
+        src, dst = d / f"{name}{DATA_SUFFIX}", d / f"{alias}{DATA_SUFFIX}"
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        onnx.save_model(model, str(d / f"{alias}.onnx"))
+        aspec = GraphSpec(alias, spec.component, spec.inputs, spec.outputs, spec.dims,
+                          spec.doc + f" (the fp32 graph under the {suffix} file set's name)")
+        out[alias] = (aspec, {"same_as": name, "skipped": f"the fp32 {name}.onnx (checked there) under the name "
+                                                         f"a '{suffix.lstrip('_')}' client loads"},
+                      {"precision": "fp32", "file": f"{alias}.onnx"})
+    return out
 
 
 __all__ = ["export_onnx_community", "graph_specs", "tokenizer_json", "config_files", "SpeechEncoderGraph",

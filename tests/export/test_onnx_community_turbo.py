@@ -172,16 +172,17 @@ class RepetitionPenaltyLogitsProcessor:
 
 
 def model_card_generate(bundle_dir: Path, audio_values: np.ndarray, text: str, max_new_tokens: int,
-                        repetition_penalty: float = 1.2) -> dict:
+                        repetition_penalty: float = 1.2, suffix: str = "") -> dict:
     """The ResembleAI/chatterbox-turbo-ONNX model card's generation loop, unchanged but for the
-    sessions (one thread) and what it returns (everything it fed and got, for the checks)."""
+    sessions (one thread) and what it returns (everything it fed and got, for the checks).
+    ``suffix``: the file set a dtype picks ("_q4", "_quantized"), for every graph as the card does."""
     from transformers import AutoTokenizer
 
     d = Path(bundle_dir) / "onnx"
-    speech_encoder_session = _session(d / "speech_encoder.onnx")
-    embed_tokens_session = _session(d / "embed_tokens.onnx")
-    language_model_session = _session(d / "language_model.onnx")
-    cond_decoder_session = _session(d / "conditional_decoder.onnx")
+    speech_encoder_session = _session(d / f"speech_encoder{suffix}.onnx")
+    embed_tokens_session = _session(d / f"embed_tokens{suffix}.onnx")
+    language_model_session = _session(d / f"language_model{suffix}.onnx")
+    cond_decoder_session = _session(d / f"conditional_decoder{suffix}.onnx")
     num_kv_heads = language_model_session.get_inputs()[3].shape[1]  # the card hard-codes 16 / 64
     head_dim = language_model_session.get_inputs()[3].shape[3]
 
@@ -296,6 +297,36 @@ def test_model_card_client_runs_the_bundle(bundle, tts):
     out, _ = bundle
     rec = _client_vs_torch(out, tts, max_new=10)
     assert rec["lm_calls"] >= 1
+
+
+def test_quantised_file_set_loads_as_a_dtype_client_asks(tts, tmp_path):
+    """``precision="int4"``: a client that picks the ``q4`` file set loads all four graphs as
+    ``<name>_q4.onnx`` (+ ``_data``). The language model is the 4-bit one; the other three are the
+    fp32 graphs under that name, so the voice and the decoder give what the fp32 set gives."""
+    import filecmp
+
+    from chatterbox_rt.audio import load_audio
+
+    out = tmp_path / "q4"
+    m = oc.export_onnx_community(tts, out, precision="int4", check_seconds=(2.3,), threads=1)
+    d = out / "onnx"
+    for name in oc.GRAPHS:
+        assert (d / f"{name}_q4.onnx").is_file() and (d / f"{name}_q4.onnx_data").is_file(), name
+        assert m.graphs[f"{name}_q4"]["file"] == f"onnx/{name}_q4.onnx"
+    assert m.graphs["language_model_q4"]["precision"] == "int4"
+    for name in ("speech_encoder", "embed_tokens", "conditional_decoder"):
+        g = m.graphs[f"{name}_q4"]
+        assert g["precision"] == "fp32" and g["check"]["same_as"] == name
+        assert filecmp.cmp(d / f"{name}_q4.onnx_data", d / f"{name}.onnx_data", shallow=False)
+    Manifest.read(out, verify=True)  # every file, the hard-linked ones too, recorded with its digest
+    wav, _ = load_audio(VOICE, target_sr=24000)
+    audio = wav[None].astype(np.float32)
+    q4 = model_card_generate(out, audio, TEXT, max_new_tokens=6, suffix="_q4")
+    fp32 = model_card_generate(out, audio, TEXT, max_new_tokens=6)
+    for k in ("cond_emb", "prompt_token", "speaker_embeddings", "speaker_features", "prompt_embeds"):
+        np.testing.assert_array_equal(q4[k], fp32[k])
+    assert 0 < _rel(q4["logits0"], fp32["logits0"]) < 0.5  # 4-bit weights: close, not equal
+    assert np.isfinite(q4["wav"]).all() and q4["wav"].shape[1] > 0
 
 
 # ---------------------------------------------------------------------------------- full size
