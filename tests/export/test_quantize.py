@@ -36,6 +36,10 @@ def test_quantised_t3(model, tmp_path, bits, bound):
     from chatterbox_rt.export.ort_t3 import OrtT3
 
     ort_t3 = OrtT3.load(out, m.component("t3")["config"], _prefixed(_extras(out, m), "t3."))
+    # a quantised prefill keeps onnxruntime's packing (unpacked MatMulNBits is ~2.5x slower; the
+    # fp32 prefill runs unpacked from the mapped file: test_bundle.py)
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        ort_t3._prefill_sess.get_session_options().get_session_config_entry("session.disable_prepacking")
     v = model.builtin_voice
     ids = model.text_tokens("Hello there, quantised world.")
     from chatterbox_rt.models.t3.request import T3Request
