@@ -97,6 +97,9 @@ def cmd_export(args) -> int:
         if not __import__("pathlib").Path(args.default_voice).is_file():
             raise ValueError(f"--default-voice {args.default_voice}: no such file")
     opset = args.opset if args.opset is not None else DEFAULT_OPSET
+    if args.cfm_int8 != "auto" and (args.precision not in ("int8", "int4") or args.layout != "native"):
+        raise ValueError(f"--cfm-int8 {args.cfm_int8} applies to --precision int8 or int4 on the native layout "
+                         f"(here: --precision {args.precision}, --layout {args.layout})")
     if args.n_steps is not None and args.n_steps < 1:
         raise ValueError(f"--n-steps must be >= 1, got {args.n_steps}")
     args.backend = "torch"

@@ -790,3 +790,11 @@ def test_behaviour_option(tmp_path, capsys, monkeypatch):
                "--behaviour", "upstream", "--t3-layers", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "only applies to the multilingual model" in err and "Traceback" not in err
+
+
+def test_cfm_int8_outside_an_int8_native_export_is_refused_before_loading(tmp_path, capsys, no_load):
+    for extra in ([], ["--precision", "fp32"], ["--precision", "int8", "--layout", "onnx-community"]):
+        rc, _, err = run(["export", "--dummy-weights", "--variant", "nano", "--out", tmp_path / "x",
+                          "--cfm-int8", "on", *extra], capsys)
+        assert_user_error(rc, err, "--cfm-int8 on applies to --precision int8 or int4 on the native layout")
+    assert not (tmp_path / "x").exists()
