@@ -207,6 +207,7 @@ class OrtT3(T3):
         if self._pairs:
             io.bind_output(ALIGNMENT_OUTPUT, "cpu")
         if kind == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the bound tensors' copies ran on torch's stream
             io.synchronize_inputs()
         sess.run_with_iobinding(io)
         if kind == "cuda":
