@@ -160,6 +160,11 @@ def export(tts, out_dir: Union[str, Path], *, components=None, precision: str = 
         return export_onnx_community(tts, out_dir, precision=precision, opset=opset, force=force, n_steps=n_steps,
                                      default_voice=default_voice)
     comps = parse_components(components)
+    prec = getattr(tts, "precision", None)
+    if "t3" in comps and (tts.t3.dtype != torch.float32 or getattr(prec, "t3_weights", None) is not None):
+        raise ValueError(f"export needs T3's fp32 weights; this model runs {prec.describe() if prec else tts.t3.dtype}: "
+                         f"load it with precision='fp32' (the bundle's own precision is export(precision=...): int8 "
+                         f"and int4 quantise T3 in the graphs)")
     hashes = model_hashes(tts)
     model_hash = combined_hash(hashes)
     out = Path(out_dir)

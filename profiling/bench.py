@@ -921,6 +921,9 @@ def validate(args) -> None:
             raise ValueError(f"--onnx-precision: unknown {bad}; choose from fp32, int8, int4")
         if args.dtype not in ("fp32", "float32"):
             raise ValueError("--backend onnxruntime exports from the fp32 model: use --dtype fp32")
+        if getattr(args, "load_precision", None) not in (None, "fp32"):
+            raise ValueError(f"--backend onnxruntime exports from the fp32 model: leave out --precision "
+                             f"{args.load_precision} (the bundles' precision is --onnx-precision)")
         from ..export._onnx import require_onnxruntime
 
         require_onnxruntime()

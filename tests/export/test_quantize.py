@@ -52,3 +52,11 @@ def test_quantised_t3(model, tmp_path, bits, bound):
     assert err < bound
     tokens = ort_t3.generate(v.t3, ids, max_new_tokens=4, stop_on_eos=False, temperature=0.05, top_k=1)
     assert tokens.numel() == 4
+
+
+def test_export_refuses_a_quantised_t3(tmp_path):
+    q = TTS.from_dummy("chatterbox", seed=0, device="cpu", precision="int8",
+                       **smaller_backbone("chatterbox", num_layers=2))
+    with pytest.raises(ValueError, match="export needs T3's fp32 weights.*precision='fp32'"):
+        export(q, tmp_path / "x", components=["t3"])
+    assert not (tmp_path / "x").exists()

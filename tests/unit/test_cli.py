@@ -798,3 +798,9 @@ def test_cfm_int8_outside_an_int8_native_export_is_refused_before_loading(tmp_pa
                           "--cfm-int8", "on", *extra], capsys)
         assert_user_error(rc, err, "--cfm-int8 on applies to --precision int8 or int4 on the native layout")
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_onnxruntime_from_a_reduced_precision_model_is_refused(capsys, no_load):
+    rc, _, err = run(["bench", "--dummy-weights", "--variant", "nano", "--device", "cpu", "--backend", "onnxruntime",
+                      "--precision", "auto"], capsys)
+    assert_user_error(rc, err, "--backend onnxruntime exports from the fp32 model: leave out --precision auto")
