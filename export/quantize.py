@@ -8,8 +8,10 @@ the fp32 graph on the same inputs (which matches torch to ~1e-6), and written to
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,16 +30,25 @@ BLOCK_SIZE = {8: 128, 4: 32}
 ACCURACY_LEVEL = 4  # int8 compute inside MatMulNBits where the CPU supports it
 
 
-def _import_quantizer():
-    """onnxruntime's quantizer, imported without its side effect on the caller's logging (its
-    import runs ``logging.basicConfig(level=INFO)`` on the root logger)."""
+@contextlib.contextmanager
+def _root_logger_kept(level: Optional[int] = None):
+    """The root logger's handlers and level restored afterwards (onnxruntime.quantization's import
+    runs ``logging.basicConfig(level=INFO)``); ``level``: the root's level meanwhile."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, old = list(root.handlers), root.level
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        if level is not None:
+            root.setLevel(level)
+        yield
     finally:
         root.handlers[:] = handlers
-        root.setLevel(level)
+        root.setLevel(old)
+
+
+def _import_quantizer():
+    """onnxruntime's quantizer, imported without its side effect on the caller's logging."""
+    with _root_logger_kept():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     return MatMulNBitsQuantizer
 
@@ -131,20 +142,14 @@ def cfm_int8_decision(mel_rel: float, speedup: float, *, mode: str, bound: float
 
 
 def _quantize_dynamic(src: Path, dst: Path) -> None:
-    """``src`` -> ``dst`` (external data beside it) with onnxruntime's dynamic quantiser, quietly:
-    its import configures the root logger and it warns through it about pre-processing."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
+    """``src`` -> ``dst`` (external data beside it) with onnxruntime's dynamic quantiser, quietly
+    (it warns about pre-processing through the root logger)."""
+    with _root_logger_kept(logging.ERROR):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        root.setLevel(logging.ERROR)
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(CFM_INT8_OPS), per_channel=True,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
                          use_external_data_format=True)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def _cfm_cases(flow_encoder, config: dict, sizes, seed: int = 0) -> list:
@@ -186,7 +191,8 @@ def quantize_cfm(res: ComponentExport, staging: Path, *, mode: str = "auto", thr
     if mode == "off":
         cfg["cfm_int8"] = {"mode": mode, "kept": False, "why": "cfm_int8='off'"}
         return ComponentExport(res.component, res.graphs, res.extras, cfg)
-    cfm_int8_decision(0.0, np.inf, mode=mode, bound=bound)  # the mode's check
+    if mode not in CFM_INT8_MODES:
+        raise ValueError(f"cfm_int8 must be one of {', '.join(CFM_INT8_MODES)}, got {mode!r}")
     work = staging / ".cfm_int8"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()

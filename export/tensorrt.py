@@ -384,6 +384,9 @@ class _CudaApi:
         return self.torch.cuda.graph(graph, stream=stream)
 
 
+_MAX_SHAPE_SETS = 4096  # shape sets counted (or refused) before the records start over
+
+
 @dataclasses.dataclass
 class _Captured:
     """One input-shape set's CUDA graph: its own execution context (TensorRT's captured launch
@@ -469,6 +472,8 @@ class TensorRTRunner:
                 self._graphs.move_to_end(key)
                 return self._replay(captured, feeds, stream)
             if key not in self._uncapturable:
+                if len(self._seen) >= _MAX_SHAPE_SETS:  # a long-running server sees many one-off shapes
+                    self._seen.clear()
                 self._seen[key] += 1
                 if self._seen[key] >= self.capture_after:
                     out = self._capture(key, feeds, stream)
@@ -522,6 +527,11 @@ class TensorRTRunner:
             ctx.device_memory = ptr
         return ctx
 
+    def _refuse(self, key: tuple, why: str) -> None:
+        if len(self._uncapturable) >= _MAX_SHAPE_SETS:
+            self._uncapturable.clear()
+        self._uncapturable[key] = why
+
     def _capture(self, key: tuple, feeds: Mapping, stream) -> Optional[dict]:
         torch, cuda = self.torch, self._cuda
         ctx = self._graph_context()
@@ -535,7 +545,7 @@ class TensorRTRunner:
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(int(d) < 0 for d in shape):
-                self._uncapturable[key] = f"output {name} has a data-dependent shape {list(shape)}"
+                self._refuse(key, f"output {name} has a data-dependent shape {list(shape)}")
                 log.info("TensorRT: not capturing a CUDA graph: %s", self._uncapturable[key])
                 return None
             outputs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
@@ -558,11 +568,11 @@ class TensorRTRunner:
             if not ok:
                 raise EngineError("execute_async_v3 returned False during capture")
         except Exception as e:  # this engine or shape set cannot be captured: run it without a graph
-            self._uncapturable[key] = f"capture failed: {e}"
+            self._refuse(key, f"capture failed: {e}")
             log.warning("TensorRT: CUDA graph capture failed for input shapes %s (%s); running them uncaptured",
                         [list(k[1]) for k in key], e)
             stream.wait_stream(side)
-            return {name: t for name, t in outputs.items()}
+            return dict(outputs)
         stream.wait_stream(side)
         self._graphs[key] = _Captured(ctx, inputs, outputs, graph)
         self.stats["captures"] += 1

@@ -40,7 +40,7 @@ class FakeCuda:
             self.cuda_stream = handle
 
         def wait_stream(self, other):
-            pass
+            """Nothing to order: the stand-in runs every launch when it is made (or replayed)."""
 
     class Graph:
         def __init__(self):
@@ -100,7 +100,7 @@ class FakeEngine:
     def create_execution_context(self):
         return FakeContext(self)
 
-    def create_execution_context_without_device_memory(self):  # noqa: F811 (overridden per instance)
+    def create_execution_context_without_device_memory(self):  # set to None on an instance: no sharing
         return FakeContext(self)
 
 
